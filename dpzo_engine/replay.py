@@ -1,0 +1,81 @@
+"""``python -m dpzo_engine.replay RUN_DIR``: rebuild the fine-tuned weights from the ledger.
+
+The ledger holds only public values (seeds, λ, the released coefficients), and the pass
+sequence of a step does not depend on the batch, so replaying the same passes on the
+base model reproduces training: bit for bit on the same backend (exactly on CPU fp32).
+No data and no forward pass is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import ConfigError, TrainConfig
+from .errors import UserError, report
+from .run_dir import RunDir
+from .session import build_model, fingerprint, save_model
+from .zo import ZOEngine
+
+
+def replay(run_dir: str | Path, backend: str | None = None):
+    """Returns (model, tokenizer, flat) with the ledger's updates applied to the base model."""
+    run = RunDir(run_dir)
+    if not run.config_path.exists():
+        raise ConfigError(f"{run.path} holds no run (no config.json)")
+    cfg = TrainConfig(**json.loads(run.config_path.read_text()))
+    header, steps = run.ledger()
+    num_labels = int(header.get("num_labels", 2))
+    model, tokenizer, _, flat = build_model(cfg, num_labels)
+    if fingerprint(flat) != header["initial_sha256"]:
+        raise ConfigError("the base model differs from the one this run started from (initial_sha256 mismatch)")
+    engine = ZOEngine(flat, header["direction_kind"], backend or header["backend"], header["difference"])
+    with torch.no_grad():
+        for row in steps:
+            engine.estimate(None, row["seeds"], row["zo_eps"])  # the same passes, no forwards
+            engine.finish(row["seeds"], row["zo_eps"], row["coefs"], header["rounding"], row["rounding_seed"])
+    return model, tokenizer, flat, len(steps)
+
+
+def compare_with_saved(model: torch.nn.Module, model_dir: Path) -> tuple[int, int]:
+    """(#tensors differing, #tensors compared) between ``model`` and a saved safetensors dir."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{model_dir} has no safetensors files to compare with")
+    saved: dict[str, torch.Tensor] = {}
+    for f in files:
+        saved.update(load_file(f))
+    ours = model.state_dict()
+    common = [k for k in saved if k in ours]
+    differing = sum(not torch.equal(ours[k].cpu(), saved[k]) for k in common)
+    return differing, len(common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dpzo_engine.replay", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="output directory of a training run")
+    p.add_argument("--out", help="save the replayed model here (save_pretrained)")
+    p.add_argument("--backend", help="kernel backend to replay with [the run's own]")
+    p.add_argument("--verify", action="store_true", help="compare with RUN_DIR/model bit for bit")
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer, _, n = replay(args.run_dir, args.backend)
+        if args.out:
+            save_model(model, tokenizer, Path(args.out))
+        result = {"run_dir": args.run_dir, "steps_replayed": n, "saved_to": args.out}
+        if args.verify:
+            differing, compared = compare_with_saved(model, RunDir(args.run_dir).model_dir)
+            result.update(tensors_compared=compared, tensors_differing=differing, identical=differing == 0)
+        print(json.dumps(result))
+        return 0 if result.get("identical", True) else 1
+    except UserError as exc:
+        return report(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Zeroth-order estimation over the flat buffer with fused passes (DESIGN section 5).
+
+Central differences (default), 2K forwards and 2K+1 passes over the parameters:
+    +λz1 -> L+ ; -2λz1 -> L- ; (+λz1 +λz2) -> L+ ; -2λz2 -> L- ; ... ; -2λzK -> L-
+    last pass (J = K+1): +λzK and the update -η Σ_k g_k z_k
+Forward differences, K+1 forwards and K+1 passes:
+    L0 at θ ; +λz1 -> L1 ; (-λz1 +λz2) -> L2 ; ... ; last pass: -λzK and the update
+
+The pass sequence depends only on public values (seeds, λ, the released coefficients),
+never on the batch, so a ledger of those values replays training exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .flat import FlatParams
+
+DIFFERENCES = ("central", "forward")
+
+
+@dataclass
+class PassCounter:
+    """How much work a step did: shown in the metrics to make the cost visible."""
+
+    passes: int = 0
+    forwards: int = 0
+
+
+class ZOEngine:
+    """Perturbs, restores and updates a ``FlatParams`` with the fused kernels."""
+
+    def __init__(
+        self,
+        flat: FlatParams,
+        kind: str = "gaussian",
+        backend: str = "auto",
+        difference: str = "central",
+        masks: list[torch.Tensor | None] | None = None,
+    ):
+        if difference not in DIFFERENCES:
+            raise ValueError(f"unknown difference {difference!r}; expected one of {DIFFERENCES}")
+        self.flat = flat
+        self.kind = kind
+        self.backend = ops.resolve_backend(backend, flat.device)
+        self.difference = difference
+        self.masks = masks if masks is not None else [None] * len(flat.buffers)
+        self.counter = PassCounter()
+        self.last_loss: float | None = None  # mean finite per-example loss over the last step's forwards
+
+    def apply(self, seeds: list[int], coefs: list[float], rounding: str = "nearest", rounding_seed: int = 0) -> None:
+        """One fused pass over every buffer: θ <- round(θ + Σ_j coefs[j] z_j)."""
+        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.flat.device)
+        coefs_t = torch.tensor(coefs, dtype=torch.float32, device=self.flat.device)
+        for (buf, offset), mask in zip(self.flat, self.masks):
+            ops.apply_directions(
+                buf,
+                seeds_t,
+                coefs_t,
+                self.kind,
+                offset=offset,
+                mask=mask,
+                rounding=rounding,
+                rounding_seed=rounding_seed,
+                backend=self.backend,
+            )
+        self.counter.passes += 1
+
+    def estimate(self, loss_fn: Callable[[], torch.Tensor] | None, seeds: list[int], zo_eps: float) -> torch.Tensor:
+        """Per-example directional derivatives D [B, K]; θ is left perturbed along the last
+        direction (``finish`` restores it while applying the update).
+
+        ``loss_fn`` returns per-example losses [B] at the current θ; ``None`` means an
+        empty batch: the same passes run (the pass sequence must not depend on data),
+        no forward does, and D is [0, K].
+        """
+
+        seen: list[torch.Tensor] = []
+
+        def losses() -> torch.Tensor | None:
+            if loss_fn is None:
+                return None
+            self.counter.forwards += 1
+            out = loss_fn().detach().to(torch.float32)
+            seen.append(out)
+            return out
+
+        columns: list[torch.Tensor | None] = []
+        if self.difference == "central":
+            prev = None
+            for s in seeds:
+                if prev is None:
+                    self.apply([s], [zo_eps])
+                else:
+                    self.apply([prev, s], [zo_eps, zo_eps])  # restore previous and perturb: one pass
+                plus = losses()
+                self.apply([s], [-2.0 * zo_eps])
+                minus = losses()
+                columns.append(None if plus is None else (plus - minus) / (2.0 * zo_eps))
+                prev = s
+        else:
+            base = losses()
+            prev = None
+            for s in seeds:
+                if prev is None:
+                    self.apply([s], [zo_eps])
+                else:
+                    self.apply([prev, s], [-zo_eps, zo_eps])
+                moved = losses()
+                columns.append(None if moved is None else (moved - base) / zo_eps)
+                prev = s
+        if loss_fn is None:
+            self.last_loss = None
+            return torch.zeros(0, len(seeds), dtype=torch.float32, device=self.flat.device)
+        all_losses = torch.cat(seen)
+        finite = all_losses[torch.isfinite(all_losses)]
+        self.last_loss = float(finite.mean()) if finite.numel() else float("nan")
+        return torch.stack(columns, dim=1)
+
+    def finish(
+        self,
+        seeds: list[int],
+        zo_eps: float,
+        update_coefs: list[float],
+        rounding: str = "nearest",
+        rounding_seed: int = 0,
+    ) -> None:
+        """Restore the last perturbation and apply θ <- θ + Σ_k update_coefs[k] z_k, one pass."""
+        restore = zo_eps if self.difference == "central" else -zo_eps
+        self.apply([seeds[-1], *seeds], [restore, *update_coefs], rounding=rounding, rounding_seed=rounding_seed)
+
+    def step(
+        self,
+        loss_fn: Callable[[], torch.Tensor] | None,
+        seeds: list[int],
+        zo_eps: float,
+        coefs_from_D: Callable[[torch.Tensor], list[float]],
+        rounding: str = "nearest",
+        rounding_seed: int = 0,
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Estimate, turn D into update coefficients (clip, noise, scale), apply. Returns both."""
+        D = self.estimate(loss_fn, seeds, zo_eps)
+        coefs = coefs_from_D(D)
+        self.finish(seeds, zo_eps, coefs, rounding=rounding, rounding_seed=rounding_seed)
+        return D, coefs
