@@ -143,8 +143,8 @@ def test_bf16_drift_fused_schedule_vs_mezo():
     """Restore-and-perturb fused in one pass drifts no more than MeZO's three-pass cycle.
 
     Measured (n=20000, K=16, λ=1e-3, weights ~ N(0, 0.02²)): fused 2.42 ulp, MeZO 3.14 ulp
-    mean absolute drift; bench/kernels.py reports the same comparison.  Both drift because λz is a few bf16 ulps and every pass
-    rounds; ours rounds 2K+1 times instead of 3K.
+    mean absolute drift; bench/kernels.py reports the same comparison.  Both drift because
+    λz is a few bf16 ulps and every pass rounds; ours rounds 2K+1 times instead of 3K.
     """
     ours, mezo = drift_in_ulps(fused_cycles), drift_in_ulps(mezo_cycles)
     print(f"mean |drift| after 16 directions: fused {ours:.3f} ulp, MeZO {mezo:.3f} ulp")

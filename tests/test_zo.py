@@ -64,7 +64,7 @@ def test_estimate_matches_directional_derivative(difference):
 
 
 def test_empty_batch_runs_the_same_passes():
-    model, loss = regression_problem()
+    model, _ = regression_problem()
     engine = ZOEngine(FlatParams(model), backend="reference")
     seeds = stream.step_seeds(0, 0, 3)
     D = engine.estimate(None, seeds, 1e-3)
