@@ -49,7 +49,7 @@ def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
                 "epsilon": eps,
             }
         )
-        s.loss_meter.update(s.engine.last_losses, released)
+        s.loss_meter.update(s.engine.last_loss, released)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             row = s.loss_meter.flush(done, eps, s.engine.counter, time.time() - t0)

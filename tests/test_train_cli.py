@@ -1,0 +1,214 @@
+"""End to end: the trainer CLI on a tiny local model and local CSV data.
+
+Covers the output directory, resume after a SIGKILL (bit-for-bit equal to an
+uninterrupted run), ledger replay, and bad input (one line, exit code 2, nothing written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpzo_engine.train import main as train_main
+
+POSITIVE = ["good", "great", "lovely", "happy", "excellent", "fun", "nice", "best"]
+NEGATIVE = ["bad", "awful", "sad", "terrible", "boring", "worst", "ugly", "poor"]
+
+
+def write_split(path: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    rows = ["text,label"]
+    for i in range(n):
+        label = i % 2
+        words = [*rng.sample(POSITIVE if label else NEGATIVE, 3), f"w{rng.randint(0, 999)}"]
+        rows.append(f"{' '.join(words)} {i},{'positive' if label else 'negative'}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> tuple[Path, Path]:
+    from transformers import AutoTokenizer
+
+    from dpzo_engine.models import build_random_model, minilm_dir
+
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    model = build_random_model("bert", "tiny", num_labels=2, seed=0, vocab_size=tokenizer.vocab_size)
+    model_dir = root / "tiny-bert"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data_dir = root / "data"
+    data_dir.mkdir()
+    write_split(data_dir / "train.csv", 96, 0)
+    write_split(data_dir / "dev.csv", 16, 1)
+    write_split(data_dir / "test.csv", 32, 2)
+    return model_dir, data_dir
+
+
+def base_args(assets, out: Path, *extra: str) -> list[str]:
+    model_dir, data_dir = assets
+    return [
+        "--model", str(model_dir), "--task", "local", "--data-dir", str(data_dir), "--trainable", "all",
+        "--max-length", "16", "--batch-size", "8", "--steps", "6", "--num-directions", "2", "--clip", "1.0",
+        "--lr", "0.05", "--log-every", "2", "--save-every", "2", "--eval-batch-size", "32",
+        "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_writes_everything(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(base_args(assets, out)) == 0
+    printed = capsys.readouterr().out
+    assert "untrained" in printed and "epsilon spent" in printed and str(out) in printed
+    for name in ("config.json", "metrics.jsonl", "ledger.jsonl", "summary.json", "model/config.json"):
+        assert (out / name).exists(), name
+    assert list((out / "model").glob("*.safetensors"))
+    assert (out / "model" / "tokenizer.json").exists() or (out / "model" / "vocab.txt").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["epsilon_spent"] <= 2.0
+    ledger = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    assert ledger[0]["type"] == "header" and len(ledger) == 7
+    assert all(len(r["released"]) == 2 and len(r["seeds"]) == 2 for r in ledger[1:])
+    assert [r["epsilon"] for r in ledger[1:]] == sorted(r["epsilon"] for r in ledger[1:])
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m and "split" not in m]
+    assert [m["step"] for m in steps] == [2, 4, 6]
+    assert steps[-1]["forwards"] > 0 and steps[-1]["passes"] == 6 * 5  # 2K+1 passes per step
+
+
+def test_replay_reproduces_the_model(assets, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(base_args(assets, out)) == 0
+    from dpzo_engine.replay import main as replay_main
+
+    assert replay_main([str(out), "--verify", "--out", str(tmp_path / "replayed")]) == 0
+    a = load_file(next((out / "model").glob("*.safetensors")))
+    b = load_file(next((tmp_path / "replayed").glob("*.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpzo_engine.train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
+    steps = ["--steps", "40", "--save-every", "5", "--noise-seed", "123"]
+    whole = tmp_path / "whole"
+    with pytest.warns(UserWarning):
+        assert train_main(base_args(assets, whole, *steps)) == 0
+
+    killed = tmp_path / "killed"
+    proc = run_cli(base_args(assets, killed, *steps))
+    latest = killed / "checkpoint" / "LATEST"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+
+    resumed = run_cli(base_args(assets, killed, *steps, "--resume"))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    a = load_file(next((whole / "model").glob("*.safetensors")))
+    b = load_file(next((killed / "model").glob("*.safetensors")))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ledger_a = (whole / "ledger.jsonl").read_text().splitlines()[1:]
+    ledger_b = (killed / "ledger.jsonl").read_text().splitlines()[1:]
+    assert ledger_a == ledger_b
+
+
+BAD_INPUTS = [
+    (["--epsilon", "-1"], "--epsilon"),
+    (["--epsilon", "inf"], "--epsilon"),
+    (["--delta", "1.5"], "--delta"),
+    (["--num-directions", "0"], "--num-directions"),
+    (["--clip", "0"], "--clip"),
+    (["--zo-eps", "nan"], "--zo-eps"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--sample-rate", "1.5", "--batch-size", "8"], "not both"),
+    (["--method", "dpzero", "--num-directions", "4"], "dpzero"),
+    (["--method", "sgd"], "--method"),
+]
+
+
+@pytest.mark.parametrize(("extra", "needle"), BAD_INPUTS)
+def test_bad_flags_fail_cleanly(assets, tmp_path, capsys, extra, needle):
+    out = tmp_path / "run"
+    code = train_main([*base_args(assets, out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert not out.exists()
+
+
+def test_bad_sample_rate_alone(assets, tmp_path, capsys):
+    args = [a for a in base_args(assets, tmp_path / "r") if a not in ("--batch-size",)]
+    args.remove("8")  # the batch size value
+    assert train_main([*args, "--sample-rate", "0"]) == 2
+    assert "--sample-rate" in capsys.readouterr().err
+
+
+def test_missing_and_malformed_inputs(assets, tmp_path, capsys):
+    cases = []
+    args = base_args(assets, tmp_path / "a")
+    cases.append(([*args[:1], str(tmp_path / "nope"), *args[2:]], "nope"))  # missing model path
+    cases.append(([*args[:1], "facebook/opt-125m", *args[2:]], "offline"))  # hub id offline
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append(([*args[:5], str(empty), *args[6:]], "empty"))  # missing data
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for split in ("train", "test"):
+        (bad / f"{split}.csv").write_text("words,stars\nhello,1\n")
+    cases.append(([*args[:5], str(bad), *args[6:]], "csv"))  # malformed data
+    for argv, needle in cases:
+        assert train_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert not (tmp_path / "a").exists()
+
+
+def test_resume_with_a_different_config_is_refused(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(base_args(assets, out)) == 0
+    capsys.readouterr()
+    assert train_main([*base_args(assets, out), "--resume", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "lr" in err
+    assert train_main(base_args(assets, out)) == 2  # no silent overwrite either
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_subprocess_error_has_no_traceback(assets, tmp_path):
+    proc = run_cli([*base_args(assets, tmp_path / "r"), "--delta", "0"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in err and err.strip().startswith("error:")
