@@ -3,8 +3,9 @@
 // Bit-exact with the PyTorch reference (dpzo_engine/stream.py, dpzo_engine/ops/reference.py):
 //  * Philox4x32-10 as Triton's tl.randint4x: key = (seed lo32, seed hi32), counter = (q lo32, q hi32, 0, 0).
 //  * Gaussian: element g is component g & 3 of Box-Muller on Philox(seed, g >> 2); every step rounded to
-//    fp32, ln/cos/sin evaluated in double and rounded once (sqrt in fp32 is correctly rounded, which equals
-//    double-then-round because 53 >= 2 * 24 + 2).
+//    fp32, ln/cos/sin evaluated in double and rounded once (vectorised in dpzo_math.h, with a rounding guard
+//    that falls back to glibc; checked on every fp32 argument the stream can produce), and sqrt in fp32 (it is
+//    correctly rounded, which equals double-then-round because 53 >= 2 * 24 + 2).
 //  * Rademacher: bit g & 127 of the 128 Philox bits of q = g >> 7 (w0 bit 0 first), set = +1.
 //  * apply: d = 0; d = d + fp32(c_j * z_j) (separate roundings: build with -ffp-contract=off, no fast-math);
 //    x = fp32(buf) + d; round once to the buffer dtype (nearest-even, or stochastic for bf16).
@@ -17,6 +18,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "dpzo_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,6 +27,20 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+// Function multiversioning: AVX2/AVX-512 clones of the hot loop, chosen at load time (no -march=native, so a
+// cached build stays valid on another x86 CPU).  Exactness is unaffected: -ffp-contract=off forbids FMA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DPZO_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define DPZO_MULTIVERSION
+#endif
+
+#if defined(__GNUC__)
+#define DPZO_INLINE inline __attribute__((always_inline))  // so the ISA clones inline their helpers
+#else
+#define DPZO_INLINE inline
+#endif
 
 namespace dpzo {
 namespace {
@@ -64,7 +81,7 @@ Key make_key(int64_t seed) {
 }
 
 // Philox4x32-10 on LANES consecutive counters q0 .. q0 + LANES - 1; w[word][lane].
-inline void philox_lanes(const Key& key, uint64_t q0, uint32_t w[4][LANES]) {
+DPZO_INLINE void philox_lanes(const Key& key, uint64_t q0, uint32_t w[4][LANES]) {
   uint32_t c0[LANES], c1[LANES], c2[LANES], c3[LANES];
   for (int l = 0; l < LANES; ++l) {
     const uint64_t q = q0 + static_cast<uint64_t>(l);
@@ -93,37 +110,45 @@ inline void philox_lanes(const Key& key, uint64_t q0, uint32_t w[4][LANES]) {
 }
 
 // Triton's uint32 -> [0, 1): int32 view, bitwise NOT if negative, fp32 conversion, fp32 scale.
-inline float uniform(uint32_t w) {
+DPZO_INLINE float uniform(uint32_t w) {
   const uint32_t folded = (w >> 31) ? ~w : w;
   return static_cast<float>(static_cast<int32_t>(folded)) * kUniformScale;
 }
 
-// Box-Muller on one pair of words: (r cos t, r sin t), each step rounded to fp32.
-inline void box_muller(uint32_t wa, uint32_t wb, float* out_cos, float* out_sin) {
-  const float a = std::max(uniform(wa), kMinU);
-  const float ln_a = static_cast<float>(std::log(static_cast<double>(a)));
-  const float r = std::sqrt(ln_a * -2.0f);  // fp32 sqrt is correctly rounded
-  const float t = uniform(wb) * kTwoPi;
-  double s, c;
-  ::sincos(static_cast<double>(t), &s, &c);
-  *out_cos = r * static_cast<float>(c);
-  *out_sin = r * static_cast<float>(s);
+// Box-Muller on the 2 * LANES pairs of one Philox batch, written as quads into o.  Per pair, each step rounded
+// to fp32:  a = max(u(wa), 1e-7);  r = sqrt(-2 fp32(ln a));  t = u(wb) * fp32(2 pi);  (r fp32(cos t), r fp32(sin t))
+// with ln/cos/sin evaluated in double and correctly rounded (dpzo_math.h, vectorised; glibc where ambiguous).
+DPZO_INLINE void box_muller_batch(const uint32_t w[4][LANES], float* o) {
+  constexpr int P = 2 * LANES;  // pair l uses words (w0, w1) of lane l; pair LANES + l uses (w2, w3)
+  float a[P], t[P], ln_a[P], sin_t[P], cos_t[P];
+  for (int l = 0; l < LANES; ++l) {
+    a[l] = std::max(uniform(w[0][l]), kMinU);
+    a[LANES + l] = std::max(uniform(w[2][l]), kMinU);
+    t[l] = uniform(w[1][l]) * kTwoPi;
+    t[LANES + l] = uniform(w[3][l]) * kTwoPi;
+  }
+  math::log_f32(a, ln_a, P);
+  math::sincos_f32(t, sin_t, cos_t, P);
+  for (int l = 0; l < LANES; ++l) {
+    const float r01 = std::sqrt(ln_a[l] * -2.0f);
+    const float r23 = std::sqrt(ln_a[LANES + l] * -2.0f);
+    o[4 * l] = r01 * cos_t[l];
+    o[4 * l + 1] = r01 * sin_t[l];
+    o[4 * l + 2] = r23 * cos_t[LANES + l];
+    o[4 * l + 3] = r23 * sin_t[LANES + l];
+  }
 }
 
 // Stream values of indices block_g + lo .. block_g + hi - 1 into out[lo .. hi) (out spans the whole block).
 // block_g is a multiple of BLOCK; entries of out outside [lo, hi) may be written too.
-void fill_gaussian(const Key& key, uint64_t block_g, int64_t lo, int64_t hi, float* out) {
+DPZO_INLINE void fill_gaussian(const Key& key, uint64_t block_g, int64_t lo, int64_t hi, float* out) {
   const int64_t quad_lo = (lo >> 2) & ~static_cast<int64_t>(LANES - 1);
   const int64_t quad_hi = (hi + 3) >> 2;
   const uint64_t block_q = block_g >> 2;
   uint32_t w[4][LANES];
   for (int64_t q = quad_lo; q < quad_hi; q += LANES) {
     philox_lanes(key, block_q + static_cast<uint64_t>(q), w);
-    float* o = out + 4 * q;
-    for (int l = 0; l < LANES; ++l) {
-      box_muller(w[0][l], w[1][l], o + 4 * l, o + 4 * l + 1);
-      box_muller(w[2][l], w[3][l], o + 4 * l + 2, o + 4 * l + 3);
-    }
+    box_muller_batch(w, out + 4 * q);
   }
 }
 
@@ -132,7 +157,7 @@ constexpr uint32_t kBit[32] = {1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4, 
                                 1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
                                 1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
 
-void fill_rademacher(const Key& key, uint64_t block_g, int64_t lo, int64_t hi, float* out) {
+DPZO_INLINE void fill_rademacher(const Key& key, uint64_t block_g, int64_t lo, int64_t hi, float* out) {
   const int64_t group_lo = lo / GROUP;
   const int64_t group_hi = (hi + GROUP - 1) / GROUP;
   uint32_t w[4][LANES];
@@ -147,7 +172,7 @@ void fill_rademacher(const Key& key, uint64_t block_g, int64_t lo, int64_t hi, f
   }
 }
 
-inline void fill(bool rademacher, const Key& key, uint64_t block_g, int64_t lo, int64_t hi, float* out) {
+DPZO_INLINE void fill(bool rademacher, const Key& key, uint64_t block_g, int64_t lo, int64_t hi, float* out) {
   if (rademacher)
     fill_rademacher(key, block_g, lo, hi, out);
   else
@@ -155,7 +180,7 @@ inline void fill(bool rademacher, const Key& key, uint64_t block_g, int64_t lo, 
 }
 
 // 16 stochastic-rounding bits per index: low half of word g & 3 of Philox(rounding seed, g >> 2).
-void fill_rounding_bits(const Key& key, uint64_t block_g, int64_t lo, int64_t hi, uint32_t* out) {
+DPZO_INLINE void fill_rounding_bits(const Key& key, uint64_t block_g, int64_t lo, int64_t hi, uint32_t* out) {
   const int64_t quad_lo = (lo >> 2) & ~static_cast<int64_t>(LANES - 1);
   const int64_t quad_hi = (hi + 3) >> 2;
   uint32_t w[4][LANES];
@@ -167,31 +192,31 @@ void fill_rounding_bits(const Key& key, uint64_t block_g, int64_t lo, int64_t hi
   }
 }
 
-inline uint32_t f32_bits(float x) {
+DPZO_INLINE uint32_t f32_bits(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof(u));
   return u;
 }
 
-inline float bf16_to_f32(uint16_t h) {
+DPZO_INLINE float bf16_to_f32(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
   float x;
   std::memcpy(&x, &u, sizeof(x));
   return x;
 }
 
-inline uint16_t bf16_nearest(float x) {
+DPZO_INLINE uint16_t bf16_nearest(float x) {
   if (std::isnan(x)) return kBf16NaN;
   const uint32_t u = f32_bits(x);
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-inline uint16_t bf16_stochastic(float x, uint32_t r) {
+DPZO_INLINE uint16_t bf16_stochastic(float x, uint32_t r) {
   if (!std::isfinite(x)) return bf16_nearest(x);
   return static_cast<uint16_t>((f32_bits(x) + r) >> 16);  // no uint32 overflow for finite x
 }
 
-inline bool kept(const uint8_t* mask, int64_t i) { return (mask[i >> 3] >> (i & 7)) & 1u; }
+DPZO_INLINE bool kept(const uint8_t* mask, int64_t i) { return (mask[i >> 3] >> (i & 7)) & 1u; }
 
 // Blocks of BLOCK stream indices covering [offset, offset + n): block b spans buffer indices [lo_i, hi_i).
 struct Blocks {
@@ -218,6 +243,16 @@ int num_threads_for(int64_t blocks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
 }
 
+DPZO_MULTIVERSION
+void directions_block(const Key& key, bool rademacher, const Blocks& blocks, int64_t b, float* z, float* dst) {
+  uint64_t block_g;
+  int64_t lo, hi;
+  blocks.span(b, &block_g, &lo, &hi);
+  fill(rademacher, key, block_g, lo, hi, z);
+  const int64_t i0 = static_cast<int64_t>(block_g + lo - blocks.g_lo);
+  std::memcpy(dst + i0, z + lo, sizeof(float) * (hi - lo));
+}
+
 at::Tensor directions(int64_t seed, int64_t offset, int64_t count, bool rademacher) {
   TORCH_CHECK(offset >= 0 && count >= 0, "directions: offset and count must be >= 0");
   at::Tensor out = at::empty({count}, at::dtype(at::kFloat));
@@ -230,36 +265,71 @@ at::Tensor directions(int64_t seed, int64_t offset, int64_t count, bool rademach
   {
     std::vector<float> z(BLOCK);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks.count; ++b) {
-      uint64_t block_g;
-      int64_t lo, hi;
-      blocks.span(b, &block_g, &lo, &hi);
-      fill(rademacher, key, block_g, lo, hi, z.data());
-      const int64_t i0 = static_cast<int64_t>(block_g + lo - blocks.g_lo);
-      std::memcpy(dst + i0, z.data() + lo, sizeof(float) * (hi - lo));
-    }
+    for (int64_t b = 0; b < blocks.count; ++b) directions_block(key, rademacher, blocks, b, z.data(), dst);
   }
   return out;
 }
 
-// Writes buf[i0 .. i0 + n) from d[0 .. n) (d = sum of directions), with mask and rounding.
-template <bool Stochastic>
-void store_bf16(uint16_t* buf, const float* d, const uint32_t* rbits, const uint8_t* mask, int64_t i0, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t i = i0 + k;
-    if (mask != nullptr && !kept(mask, i)) continue;
-    const float x = bf16_to_f32(buf[i]) + d[k];
-    buf[i] = Stochastic ? bf16_stochastic(x, rbits[k]) : bf16_nearest(x);
-  }
-}
+// Everything one pass needs, shared read-only by the threads.
+struct ApplyPlan {
+  Blocks blocks;
+  bool rademacher;
+  std::vector<Key> keys;  // one precomputed key schedule per direction
+  std::vector<float> coefs;
+  const uint8_t* mask;  // nullptr: every element kept
+  bool stochastic;      // bf16 stochastic rounding
+  Key rounding_key;
+  float* buf_f32;  // exactly one of the two buffers is set
+  uint16_t* buf_bf16;
+};
 
-void store_f32(float* buf, const float* d, const uint8_t* mask, int64_t i0, int64_t n) {
-  if (mask == nullptr) {
-    for (int64_t k = 0; k < n; ++k) buf[i0 + k] = buf[i0 + k] + d[k];
+// Per-thread scratch of one block.
+struct Scratch {
+  std::vector<float> z = std::vector<float>(BLOCK);
+  std::vector<float> d = std::vector<float>(BLOCK);
+  std::vector<uint32_t> rbits = std::vector<uint32_t>(BLOCK);
+};
+
+// One block: d = sum_j c_j z_j, then buf = round(buf + d) where the mask keeps the element.
+// Compiled for several ISAs (picked at load time); every clone computes the same IEEE operations.
+DPZO_MULTIVERSION
+void apply_block(const ApplyPlan& p, int64_t b, Scratch& scratch) {
+  uint64_t block_g;
+  int64_t lo, hi;
+  p.blocks.span(b, &block_g, &lo, &hi);
+  const int64_t len = hi - lo;
+  float* d = scratch.d.data();
+  std::fill(d, d + len, 0.0f);
+  for (size_t j = 0; j < p.keys.size(); ++j) {
+    fill(p.rademacher, p.keys[j], block_g, lo, hi, scratch.z.data());
+    const float cj = p.coefs[j];
+    const float* z = scratch.z.data() + lo;
+    for (int64_t k = 0; k < len; ++k) d[k] = d[k] + cj * z[k];
+  }
+  const int64_t i0 = static_cast<int64_t>(block_g + lo - p.blocks.g_lo);
+  const uint8_t* mask = p.mask;
+  if (p.buf_f32 != nullptr) {
+    float* buf = p.buf_f32 + i0;
+    for (int64_t k = 0; k < len; ++k) {
+      const float x = buf[k] + d[k];
+      buf[k] = (mask == nullptr || kept(mask, i0 + k)) ? x : buf[k];
+    }
     return;
   }
-  for (int64_t k = 0; k < n; ++k)
-    if (kept(mask, i0 + k)) buf[i0 + k] = buf[i0 + k] + d[k];
+  uint16_t* buf = p.buf_bf16 + i0;
+  if (p.stochastic) {
+    fill_rounding_bits(p.rounding_key, block_g, lo, hi, scratch.rbits.data());
+    const uint32_t* r = scratch.rbits.data() + lo;
+    for (int64_t k = 0; k < len; ++k) {
+      const uint16_t x = bf16_stochastic(bf16_to_f32(buf[k]) + d[k], r[k]);
+      buf[k] = (mask == nullptr || kept(mask, i0 + k)) ? x : buf[k];
+    }
+  } else {
+    for (int64_t k = 0; k < len; ++k) {
+      const uint16_t x = bf16_nearest(bf16_to_f32(buf[k]) + d[k]);
+      buf[k] = (mask == nullptr || kept(mask, i0 + k)) ? x : buf[k];
+    }
+  }
 }
 
 void apply_directions(at::Tensor buf, at::Tensor seeds, at::Tensor coefs, bool rademacher, int64_t offset,
@@ -276,57 +346,32 @@ void apply_directions(at::Tensor buf, at::Tensor seeds, at::Tensor coefs, bool r
   if (n == 0 || seeds.numel() == 0) return;
   const at::Tensor seeds_c = seeds.contiguous();
   const at::Tensor coefs_c = coefs.contiguous();
-  const int64_t J = seeds_c.numel();
-  std::vector<Key> keys(J);
-  std::vector<float> c(J);
-  for (int64_t j = 0; j < J; ++j) {
-    keys[j] = make_key(seeds_c.data_ptr<int64_t>()[j]);
-    c[j] = coefs_c.data_ptr<float>()[j];
-  }
-  const uint8_t* mask_ptr = nullptr;
   at::Tensor mask_c;
   if (mask.has_value() && mask->defined()) {
     mask_c = mask->contiguous();
-    TORCH_CHECK(mask_c.scalar_type() == at::kByte && mask_c.numel() >= (n + 7) / 8,
-                "apply_directions: mask must be uint8 with at least ceil(numel / 8) bytes");
-    mask_ptr = mask_c.data_ptr<uint8_t>();
+    TORCH_CHECK(mask_c.device().is_cpu() && mask_c.scalar_type() == at::kByte && mask_c.numel() >= (n + 7) / 8,
+                "apply_directions: mask must be a uint8 CPU tensor of at least ceil(numel / 8) bytes");
   }
   const bool is_bf16 = buf.scalar_type() == at::kBFloat16;
-  const bool use_sr = stochastic && is_bf16;  // fp32 buffers are exact either way
-  const Key rkey = make_key(rounding_seed);
-  float* buf_f32 = is_bf16 ? nullptr : buf.data_ptr<float>();
-  uint16_t* buf_bf16 = is_bf16 ? reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>()) : nullptr;
-
-  const Blocks blocks(offset, n);
-  const int nthreads = num_threads_for(blocks.count);
+  ApplyPlan plan{Blocks(offset, n),
+                 rademacher,
+                 {},
+                 {},
+                 mask_c.defined() ? mask_c.data_ptr<uint8_t>() : nullptr,
+                 stochastic && is_bf16,  // fp32 buffers are exact either way
+                 make_key(rounding_seed),
+                 is_bf16 ? nullptr : buf.data_ptr<float>(),
+                 is_bf16 ? reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>()) : nullptr};
+  for (int64_t j = 0; j < seeds_c.numel(); ++j) {
+    plan.keys.push_back(make_key(seeds_c.data_ptr<int64_t>()[j]));
+    plan.coefs.push_back(coefs_c.data_ptr<float>()[j]);
+  }
+  const int nthreads = num_threads_for(plan.blocks.count);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> z(BLOCK), d(BLOCK);
-    std::vector<uint32_t> rbits(use_sr ? BLOCK : 0);
+    Scratch scratch;
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks.count; ++b) {
-      uint64_t block_g;
-      int64_t lo, hi;
-      blocks.span(b, &block_g, &lo, &hi);
-      const int64_t len = hi - lo;
-      float* dd = d.data();
-      std::fill(dd, dd + len, 0.0f);
-      for (int64_t j = 0; j < J; ++j) {
-        fill(rademacher, keys[j], block_g, lo, hi, z.data());
-        const float cj = c[j];
-        const float* zz = z.data() + lo;
-        for (int64_t k = 0; k < len; ++k) dd[k] = dd[k] + cj * zz[k];
-      }
-      const int64_t i0 = static_cast<int64_t>(block_g + lo - blocks.g_lo);
-      if (!is_bf16) {
-        store_f32(buf_f32, dd, mask_ptr, i0, len);
-      } else if (use_sr) {
-        fill_rounding_bits(rkey, block_g, lo, hi, rbits.data());
-        store_bf16<true>(buf_bf16, dd, rbits.data() + lo, mask_ptr, i0, len);
-      } else {
-        store_bf16<false>(buf_bf16, dd, nullptr, mask_ptr, i0, len);
-      }
-    }
+    for (int64_t b = 0; b < plan.blocks.count; ++b) apply_block(plan, b, scratch);
   }
 }
 
@@ -377,6 +422,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_aggregate(at::Te
           at::scalar_tensor(n_bad, at::dtype(at::kLong))};
 }
 
+constexpr int kHookChunk = 256;
+
+DPZO_MULTIVERSION  // the same clones as apply_block, so the hook tests the code the kernels run
+void transcendental_chunk(const float* src, float* dst, int len, int64_t op, bool vectorized) {
+  float other[kHookChunk];
+  if (!vectorized) {
+    for (int i = 0; i < len; ++i) {
+      const double v = static_cast<double>(src[i]);
+      dst[i] = static_cast<float>(op == 0 ? std::log(v) : op == 1 ? std::sin(v) : std::cos(v));
+    }
+  } else if (op == 0) {
+    math::log_f32(src, dst, len);
+  } else if (op == 1) {
+    math::sincos_f32(src, dst, other, len);
+  } else {
+    math::sincos_f32(src, other, dst, len);
+  }
+}
+
+// Testing hook: fp32(op(double(x))) for op 0 = ln, 1 = sin, 2 = cos, by the vectorised path with its exactness
+// guard or by plain glibc, so tests can compare both (and the reference) on any set of fp32 inputs.
+at::Tensor transcendental(at::Tensor x, int64_t op, bool vectorized) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "transcendental: x must be a float32 CPU tensor");
+  TORCH_CHECK(op >= 0 && op <= 2, "transcendental: op must be 0 (ln), 1 (sin) or 2 (cos)");
+  const at::Tensor xc = x.contiguous();
+  // The domains the stream uses (and the vectorised reduction is made for): ln on [1e-7, 1), sin/cos on [0, 2 pi).
+  const bool in_domain = op == 0 ? (xc.ge(kMinU).all().item<bool>() && xc.lt(1.0f).all().item<bool>())
+                                 : (xc.ge(0.0f).all().item<bool>() && xc.le(kTwoPi).all().item<bool>());
+  TORCH_CHECK(in_domain, "transcendental: arguments outside the stream's domain");
+  at::Tensor out = at::empty_like(xc);
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t n = xc.numel();
+  constexpr int64_t kChunk = kHookChunk;
+  const int nthreads = num_threads_for((n + kChunk - 1) / kChunk);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    transcendental_chunk(src + i0, dst + i0, static_cast<int>(std::min(kChunk, n - i0)), op, vectorized);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace dpzo
 
@@ -388,6 +475,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply_directions", &dpzo::apply_directions, "buf += sum_j coefs[j] * z_j in one pass (in place)",
         py::arg("buf"), py::arg("seeds"), py::arg("coefs"), py::arg("rademacher"), py::arg("offset"),
         py::arg("mask"), py::arg("stochastic"), py::arg("rounding_seed"), py::call_guard<py::gil_scoped_release>());
+  m.def("_transcendental", &dpzo::transcendental, "Testing hook: fp32 of ln/sin/cos evaluated in double",
+        py::arg("x"), py::arg("op"), py::arg("vectorized"), py::call_guard<py::gil_scoped_release>());
   m.def("clip_aggregate", &dpzo::clip_aggregate, "Per-example clip and column sums (fp64)", py::arg("D"),
         py::arg("clip"), py::arg("scale"), py::arg("per_direction"), py::call_guard<py::gil_scoped_release>());
 }

@@ -21,7 +21,9 @@ from .. import stream
 
 EXTENSION_NAME = "dpzo_cpu"
 SOURCES = ("dpzo_cpu.cpp",)
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+HEADERS = ("dpzo_math.h",)  # ninja's depfiles rebuild on header changes
+# -fno-math-errno only lets sqrt vectorise (results are unchanged); never -ffast-math.
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
@@ -36,8 +38,8 @@ def _unavailable(reason: str):
 
 
 def _find_compiler() -> str | None:
-    cxx = os.environ.get("CXX", "c++")
-    return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
+    """The compiler torch's builder will call: ``$CXX``, else ``c++``."""
+    return shutil.which(os.environ.get("CXX", "c++"))
 
 
 def _build() -> ModuleType:
@@ -53,7 +55,8 @@ def _build() -> ModuleType:
     except ImportError as exc:
         raise _unavailable(f"C++ sources not installed ({exc}); reinstall dpzo-engine") from exc
     sources = [str(dpzo_csrc.SOURCE_DIR / name) for name in SOURCES]
-    missing = [s for s in sources if not os.path.exists(s)]
+    missing = [str(dpzo_csrc.SOURCE_DIR / name) for name in SOURCES + HEADERS]
+    missing = [path for path in missing if not os.path.exists(path)]
     if missing:
         raise _unavailable(f"C++ sources missing: {', '.join(missing)}")
     try:
@@ -65,8 +68,8 @@ def _build() -> ModuleType:
             verbose=os.environ.get("DPZO_VERBOSE_BUILD", "0") == "1",
         )
     except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError/OSError
-        first = str(exc).strip().splitlines()
-        detail = first[0] if first else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        detail = lines[0][:160] if lines else type(exc).__name__  # torch puts whole compiler commands here
         raise _unavailable(f"build failed ({detail}); set DPZO_VERBOSE_BUILD=1 to see the compiler output") from exc
 
 

@@ -9,6 +9,11 @@ differs from continuous mean"): we first retry with a coarser ε-grid (doubling
 ``prv_failed=True`` in the result. A PRV result whose *lower* bound exceeds the RDP bound
 is numerically broken and is treated the same way, so a too-small ε is never reported.
 
+The PRV ε-error defaults to 1% of ε (integer-order RDP estimate), capped at Opacus' 0.01,
+so small targets stay reachable; grids above 2^19 points are coarsened (valid, looser).
+The grid is a deterministic function of (σ, q, δ, ε_c, T), so ``calibrate_noise``, ``epsilon_spent``
+and a ``PrivacyAccountant`` with ``max_steps=T`` report the same number at T.
+
 Per step the released K-vector is one Gaussian mechanism with noise multiplier σ relative
 to its L2 sensitivity (C joint, C√K per-direction), so K does not enter the accounting.
 Adjacency is add/remove one example, with the dominating pair used by Opacus and
@@ -170,14 +175,17 @@ class _Model:
         max_steps: int,
         eps_error: float | None,
         check_rdp: bool = True,
+        max_points: int = MAX_DOMAIN_POINTS,
     ):
         self.sigma, self.q, self.delta, self.lap = sigma, q, delta, laplace_epsilon
         self.max_steps = max(1, max_steps)
         self.check_rdp = check_rdp
+        self.max_points = max_points
         self._acc: PRVAccountant | None = None
         self._requested_error = eps_error
         self._acc_error: float | None = None  # the grid's ε-error, fixed by plan()
         self._failed = False
+        self._warned = False
         self._rdp: dict[str, RDP] = {}
 
     def _prvs(self) -> list:
@@ -231,8 +239,8 @@ class _Model:
         length = self._domain_length(counts, eps_error, delta_error)
         mesh = eps_error / math.sqrt(sum(counts) / 2 * math.log(12 / delta_error))
         points = 2 * length / mesh
-        if points > MAX_DOMAIN_POINTS:  # huge ε or T: a coarser grid keeps the time bounded
-            eps_error *= points / MAX_DOMAIN_POINTS
+        if points > self.max_points:  # huge ε or T: a coarser grid keeps the time bounded
+            eps_error *= points / self.max_points
             length = self._domain_length(counts, eps_error, delta_error)
         return eps_error, length
 
@@ -269,12 +277,14 @@ class _Model:
             self._failed = True  # keep falling back for this model: no repeated slow retries
             if math.isnan(eps_rdp):
                 eps_rdp = self.rdp(t)
-        warnings.warn(
-            f"PRV accountant failed for sigma={self.sigma}, q={self.q}, T={t}, delta={self.delta}; "
-            f"reporting the RDP bound epsilon={eps_rdp:.4f} instead (looser, still valid)",
-            AccountingWarning,
-            stacklevel=3,
-        )
+        if not self._warned:  # once per model: a per-step accountant would repeat it at every log step
+            self._warned = True
+            warnings.warn(
+                f"PRV accountant failed for sigma={self.sigma}, q={self.q}, T={t}, delta={self.delta}; "
+                f"reporting the RDP bound epsilon={eps_rdp:.4f} instead (looser, still valid)",
+                AccountingWarning,
+                stacklevel=3,
+            )
         return PrivacySpent(eps_rdp, eps_lower=0.0, eps_estimate=eps_rdp, eps_upper=eps_rdp, eps_rdp=eps_rdp,
                             eps_error=0.0, accountant="rdp", prv_failed=True, **common)  # fmt: skip
 
@@ -370,7 +380,7 @@ def _coarse_upper(sigma: float, q: float, steps: int, delta: float, eps_error: f
     fine = _Model(sigma, q, delta, 0.0, steps, eps_error)
     with _Quiet():
         fine_error = fine.plan()[0]
-    coarse = _Model(sigma, q, delta, 0.0, steps, 5 * fine_error, check_rdp=False)
+    coarse = _Model(sigma, q, delta, 0.0, steps, 5 * fine_error, check_rdp=False, max_points=MAX_DOMAIN_POINTS // 5)
     coarse._rdp = fine._rdp  # same PRVs: reuse the RDP tables
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AccountingWarning)
@@ -378,40 +388,64 @@ def _coarse_upper(sigma: float, q: float, steps: int, delta: float, eps_error: f
     return spent.eps_upper - spent.eps_error + fine_error if spent.accountant == "prv" else spent.eps_upper
 
 
-def _rdp_guess(target: float, delta: float, q: float, steps: int) -> float:
-    """σ meeting the target under integer-order RDP (an over-estimate of the PRV σ): a cheap start."""
+def _start_sigma(target: float, delta: float, q: float, steps: int) -> float:
+    """A starting σ: integer-order RDP (over-estimates the PRV σ), or for targets RDP cannot
+    reach with orders <= 64 (ε below ~log(1/δ)/63), the CLT/GDP value σ = q√T/μ."""
 
-    def eps(s: float) -> float:
+    def rdp(s: float) -> float:
         with _Quiet():
             prv = PoissonSubsampledGaussianMechanism(sampling_probability=q, noise_multiplier=s)
             return float(RDP([prv], orders=_INT_ORDERS).compute_epsilon(delta, [steps])[2])
 
+    if rdp(SIGMA_RANGE[1]) > target:
+        return q * math.sqrt(steps) / _gdp_mu(target, delta)
     lo, hi = 0.5, 1.0
-    while eps(hi) > target and hi < SIGMA_RANGE[1]:
+    while rdp(hi) > target and hi < SIGMA_RANGE[1]:
         lo, hi = hi, hi * 2
-    while eps(lo) <= target and lo > SIGMA_RANGE[0]:
+    while rdp(lo) <= target and lo > SIGMA_RANGE[0]:
         lo, hi = lo / 2, lo
     for _ in range(8):  # ~0.3% on σ: only a starting point
         mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if eps(mid) <= target else (mid, hi)
+        lo, hi = (lo, mid) if rdp(mid) <= target else (mid, hi)
     return hi
+
+
+def _gdp_mu(epsilon: float, delta: float) -> float:
+    """μ of the μ-GDP mechanism that is exactly (ε, δ)-DP (Dong, Roth, Su 2019), by bisection."""
+
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    def gdp_delta(mu: float) -> float:
+        return phi(-epsilon / mu + mu / 2) - math.exp(epsilon) * phi(-epsilon / mu - mu / 2)
+
+    lo, hi = 1e-6, 50.0
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if gdp_delta(mid) < delta else (lo, mid)
+    return lo
 
 
 def _solve(f, aim: float, start: float, tol: float) -> float:
     """σ with aim·(1 − tol) ≤ f(σ) ≤ aim for a decreasing f (Illinois on log σ vs log f), or the bracket end."""
     smin, smax = SIGMA_RANGE
-    hi = min(max(start, smin), smax)
-    while (y_hi := f(hi)) > aim:
-        if hi >= smax:
-            raise PrivacyError(
-                f"no noise multiplier <= {smax:g} reaches epsilon={aim:g}; raise epsilon or lower q or T"
-            )
-        hi = min(hi * 1.25, smax)
-    lo = hi / 1.1
-    while (y_lo := f(lo)) <= aim:
-        if lo <= smin:
-            return lo  # so loose a target that the smallest σ searched meets it
-        hi, y_hi, lo = lo, y_lo, max(lo / 1.1, smin)
+    x = min(max(start, smin), smax)
+    y = f(x)
+    # bracket; ε falls roughly like 1/σ, so a far-off start jumps by the ratio rather than crawling
+    if y > aim:
+        lo, y_lo, hi = x, y, min(x * max(1.25, 1.1 * y / aim), smax)
+        while (y_hi := f(hi)) > aim:
+            if hi >= smax:
+                raise PrivacyError(
+                    f"no noise multiplier <= {smax:g} reaches epsilon={aim:g}; raise epsilon or lower q or T"
+                )
+            lo, y_lo, hi = hi, y_hi, min(hi * max(1.25, 1.1 * y_hi / aim), smax)
+    else:
+        hi, y_hi, lo = x, y, max(x * min(1 / 1.1, 0.9 * y / aim), smin)
+        while (y_lo := f(lo)) <= aim:
+            if lo <= smin:
+                return lo  # so loose a target that the smallest σ searched meets it
+            hi, y_hi, lo = lo, y_lo, max(lo * min(1 / 1.1, 0.9 * y_lo / aim), smin)
     x_lo, x_hi = math.log(lo), math.log(hi)
     g_lo, g_hi = math.log(y_lo / aim), math.log(max(y_hi, 1e-300) / aim)
     side = 0
@@ -439,7 +473,7 @@ def _calibrate(
     target = eps - lap
     # 1) search on the coarse-grid prediction, aiming at the middle of [target·(1 − rtol), target]
     coarse = functools.partial(_coarse_upper, q=q, steps=steps, delta=delta, eps_error=eps_error)
-    sigma = _solve(coarse, target * (1 - rtol / 2), _rdp_guess(target, delta, q, steps), rtol / 2)
+    sigma = _solve(coarse, target * (1 - rtol / 2), _start_sigma(target, delta, q, steps), rtol / 2)
     # 2) the reported (fine, RDP-checked) bound must meet the target: nudge σ up until it does
     while (upper := _upper(sigma, q, steps, delta, eps_error)) > target:
         sigma *= 1 + max(rtol / 2, 1.5 * (upper / target - 1))
@@ -453,9 +487,11 @@ class PrivacyAccountant:
     """ε spent so far by a training run: ``step()`` after each release, ``spent()`` when logging.
 
     One PRV accountant is built for ``max_steps`` (the planned T) and queried at the current
-    count; results are cached per count. A query costs one FFT over the PRV grid (~0.05-0.1 s
-    at σ=1, q=0.01, T=1000), so query at log steps rather than every step. Going past
-    ``max_steps`` rebuilds for a larger horizon.
+    count; results are cached per count. A query costs one FFT over the PRV grid (~0.1 s at
+    σ≈1, q=0.01, T=1000; ~0.3 s with a Laplace count), so call ``spent()`` at log steps.
+    ``epsilon()`` may be called every step: with ``update_every = k`` it returns the bound at
+    the next multiple of k (or at ``max_steps``), a valid upper bound since ε grows with t,
+    for T/k queries per run. Going past ``max_steps`` rebuilds for a larger horizon.
     """
 
     def __init__(
@@ -467,6 +503,7 @@ class PrivacyAccountant:
         laplace_epsilon: float = 0.0,
         eps_error: float | None = None,
         num_examples: int | None = None,
+        update_every: int = 1,
     ) -> None:
         self.noise_multiplier = check_noise_multiplier(noise_multiplier)
         self.sample_rate = check_sample_rate(sample_rate)
@@ -474,6 +511,7 @@ class PrivacyAccountant:
         self.max_steps = check_steps(max_steps) if max_steps is not None else None
         self.laplace_epsilon = _check_laplace(laplace_epsilon)
         self.eps_error = _check_error(eps_error)
+        self.update_every = check_steps(update_every)
         self._steps = 0
         self._model: _Model | None = None
         self._cache: dict[int, PrivacySpent] = {}
@@ -495,8 +533,13 @@ class PrivacyAccountant:
         return self._cache[t]
 
     def epsilon(self) -> float:
-        """The ε to report now (PRV upper bound)."""
-        return self.spent().epsilon
+        """An upper bound on ε spent so far: ``spent().epsilon``, or with ``update_every`` > 1 the
+        bound at the next multiple of it (never past ``max_steps``): cheap to call every step."""
+        t, k = self._steps, self.update_every
+        if k > 1 and t % k:
+            t_next = -(-t // k) * k
+            t = min(t_next, self.max_steps) if self.max_steps is not None and t <= self.max_steps else t_next
+        return self.spent(t).epsilon
 
     def _model_for(self, t: int) -> _Model:
         if self._model is None or t > self._model.max_steps:
