@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from . import privacy
-from .body_cache import body_is_frozen
 from .config import ConfigError, TrainConfig
 from .data import get_task
 from .flat import FlatParams
 from .heads import SequenceClassificationHead, evaluate
 from .methods import MeZORule, PrivateRule, Released
 from .models import load_model_and_tokenizer, select_trainable
+from .prefix_cache import frozen_prefix_length
 from .run_dir import RunDir
 from .zo import PassCounter, ZOEngine
 
@@ -122,7 +122,7 @@ class Session:
         self.model, self.tokenizer, self.trainable, self.flat = build_model(cfg, self.task.num_labels)
         self.device = self.flat.device
         self.head = SequenceClassificationHead()
-        self.body_frozen = body_is_frozen(self.model)
+        self.cached_blocks = frozen_prefix_length(self.model)  # run once per step, not 2K times
         self.engine = ZOEngine(self.flat, cfg.direction_kind, cfg.backend, cfg.difference)
         self.generator = privacy.secret_generator(cfg.noise_seed)
         self.sampler = privacy.PoissonSampler(n, self.sample_rate, self.generator)
@@ -178,7 +178,7 @@ class Session:
             "num_labels": self.task.num_labels,
             "trainable": self.trainable,
             "trainable_numel": self.flat.numel,
-            "body_frozen": self.body_frozen,
+            "cached_blocks": self.cached_blocks,
             "initial_sha256": fingerprint(self.flat),
         }
 

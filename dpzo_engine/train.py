@@ -14,9 +14,9 @@ import torch
 from tqdm import tqdm
 
 from . import stream
-from .body_cache import cached_body
 from .config import TrainConfig, parse_args
 from .errors import UserError, report
+from .prefix_cache import cached_prefix
 from .run_dir import RunDir
 from .session import Session
 
@@ -30,7 +30,7 @@ def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
         batch = s.batch(idx)
         loss_fn = (lambda b=batch: s.head.per_example_loss(s.model, b)) if batch is not None else None
         seeds = stream.step_seeds(cfg.seed, step, K)  # public
-        with torch.no_grad(), cached_body(s.model, s.body_frozen):  # frozen body: one forward per step
+        with torch.no_grad(), cached_prefix(s.model, s.cached_blocks):  # frozen bottom blocks run once
             D = s.engine.estimate(loss_fn, seeds, cfg.zo_eps)
             released = s.rule(D)  # clip, noise, / (q n) for private methods
             coefs = (-cfg.lr * released.grad).to(torch.float32).tolist()
