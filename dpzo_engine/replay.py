@@ -3,7 +3,8 @@
 The ledger holds only public values (seeds, λ, the released coefficients), and the pass
 sequence of a step does not depend on the batch, so replaying the same passes on the
 base model reproduces training: bit for bit on the same backend (exactly on CPU fp32).
-No data and no forward pass is needed.
+No data is needed, and no forward pass except DP-ZOPO's data-free mask probes (one all-ones
+token), which replay recomputes on the replayed weights and checks against the ledger.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import ConfigError, TrainConfig
+from .config import FIRST_ORDER_METHODS, ConfigError, TrainConfig
 from .errors import UserError, report
-from .run_dir import RunDir
+from .run_dir import RunDir, read_jsonl
 from .session import build_model, fingerprint, save_model
+from .stagewise import build_stagewise
 from .zo import ZOEngine
 
 
@@ -29,17 +31,39 @@ def replay(run_dir: str | Path, backend: str | None = None):
     if not run.config_path.exists():
         raise ConfigError(f"{run.path} holds no run (no config.json)")
     cfg = TrainConfig(**json.loads(run.config_path.read_text()))
+    if cfg.method in FIRST_ORDER_METHODS:
+        raise ConfigError(f"{run.path} is a --method {cfg.method} run: only zeroth-order runs replay from their seeds")
     header, steps = run.ledger()
     num_labels = int(header.get("num_labels", 2))
-    model, tokenizer, _, flat = build_model(cfg, num_labels)
+    model, tokenizer, _, flat = build_model(cfg, num_labels, header.get("head", "sequence-classification"))
     if fingerprint(flat) != header["initial_sha256"]:
         raise ConfigError("the base model differs from the one this run started from (initial_sha256 mismatch)")
     engine = ZOEngine(flat, header["direction_kind"], backend or header["backend"], header["difference"])
+    stages = build_stagewise(cfg, model, flat, engine)
+    events = {r["step"]: r for r in read_jsonl(run.ledger_path) if r.get("type") == "stage"}
     with torch.no_grad():
         for row in steps:
+            step = row["step"] - 1
+            if stages.boundary(step):  # recompute the data-free mask on the replayed weights
+                _check_stage(stages.enter_stage(step), events.get(row["step"]))
             engine.estimate(None, row["seeds"], row["zo_eps"])  # the same passes, no forwards
             engine.finish(row["seeds"], row["zo_eps"], row["coefs"], header["rounding"], row["rounding_seed"])
+            stages.after_update(step, row["lr"])
     return model, tokenizer, flat, len(steps)
+
+
+def _check_stage(ours: dict, logged: dict | None) -> None:
+    """A recomputed stage event must match the ledger's (mask fingerprint, schedule values)."""
+    if logged is None:
+        raise ConfigError(f"the ledger has no stage record for step {ours['step']}; it was not written by this run")
+    for key in ("stage", "lr", "zo_eps"):
+        if ours[key] != logged.get(key):
+            raise ConfigError(f"stage {ours['stage']}: {key} {ours[key]} differs from the ledger's {logged.get(key)}")
+    if "mask" in ours and ours["mask"]["sha256"] != (logged.get("mask") or {}).get("sha256"):
+        raise ConfigError(
+            f"stage {ours['stage']}: the recomputed data-free mask differs from the ledger's (sha256 mismatch); "
+            "replay on the run's own backend"
+        )
 
 
 def compare_with_saved(model: torch.nn.Module, model_dir: Path) -> tuple[int, int]:

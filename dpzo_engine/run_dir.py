@@ -49,12 +49,19 @@ def atomic_torch_save(obj: Any, path: Path, mode: int | None = None) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL log. A torn last line (the process was killed mid-append) is dropped:
+    its step is redone after a resume. A malformed line anywhere else is corruption."""
     if not path.exists():
         return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for i, line in enumerate(lines):
+        try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ConfigError(f"{path} line {i + 1} is not valid JSON: the run directory is corrupted") from None
     return rows
 
 

@@ -17,11 +17,12 @@ from . import privacy
 from .config import ConfigError, TrainConfig
 from .data import get_task
 from .flat import FlatParams
-from .heads import SequenceClassificationHead, evaluate
+from .heads import build_head, evaluate, resolve_head
 from .methods import MeZORule, PrivateRule, Released
-from .models import load_model_and_tokenizer, select_trainable
+from .models import load_model_and_tokenizer, model_kind, select_trainable
 from .prefix_cache import frozen_prefix_length
 from .run_dir import RunDir
+from .stagewise import build_stagewise
 from .zo import PassCounter, ZOEngine
 
 
@@ -41,11 +42,13 @@ def fingerprint(flat: FlatParams) -> str:
     return h.hexdigest()
 
 
-def build_model(cfg: TrainConfig, num_labels: int):
-    """Model, tokenizer, trainable names and flat buffer, deterministic in ``cfg.seed``."""
+def build_model(cfg: TrainConfig, num_labels: int, head: str = "sequence-classification"):
+    """Model, tokenizer, trainable names and flat buffer, deterministic in ``cfg.seed``.
+    ``head`` is the resolved loss head: it picks the model class (an LM head for prompt heads)."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # public: a freshly initialised head is part of the base model
-    model, tokenizer = load_model_and_tokenizer(cfg.model, num_labels, dtype=getattr(torch, cfg.dtype), device=device)
+    dtype = getattr(torch, cfg.dtype)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, num_labels, dtype=dtype, device=device, head=head)
     model.eval()  # no dropout: L+ and L- must see the same function
     trainable = select_trainable(model, cfg.trainable)
     return model, tokenizer, trainable, FlatParams(model)
@@ -114,16 +117,23 @@ class Session:
 
     def __init__(self, cfg: TrainConfig, run: RunDir, resuming: bool):
         self.cfg = cfg
-        self.task = get_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed)
+        data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+        self.task = get_task(
+            cfg.task, data_dir=cfg.data_dir, seed=data_seed, k_shot=cfg.k_shot, num_train=cfg.num_train,
+            num_dev=cfg.num_dev,
+        )  # fmt: skip
+        self.head_name = resolve_head(cfg.head, self.task, model_kind(cfg.model))  # auto: task + model decide
         n = len(self.task.train)
         if cfg.sample_rate is None and cfg.batch_size > n:
             raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
         self.sample_rate = cfg.sample_rate if cfg.sample_rate is not None else cfg.batch_size / n
-        self.model, self.tokenizer, self.trainable, self.flat = build_model(cfg, self.task.num_labels)
+        self.model, self.tokenizer, self.trainable, self.flat = build_model(cfg, self.task.num_labels, self.head_name)
         self.device = self.flat.device
-        self.head = SequenceClassificationHead()
+        extra = {"max_new_tokens": cfg.max_new_tokens} if self.head_name == "causal-generation" else {}
+        self.head = build_head(self.head_name, self.task, **extra)
         self.cached_blocks = frozen_prefix_length(self.model)  # run once per step, not 2K times
-        self.engine = ZOEngine(self.flat, cfg.direction_kind, cfg.backend, cfg.difference)
+        self.engine = self._build_engine()
+        self.stages = build_stagewise(cfg, self.model, self.flat, self.engine)  # DP-ZOSO schedule, DP-ZOPO mask
         self.generator = privacy.secret_generator(cfg.noise_seed)
         self.sampler = privacy.PoissonSampler(n, self.sample_rate, self.generator)
         self.loss_meter = LossMeter()
@@ -144,7 +154,7 @@ class Session:
         self.n_hat = float(n)
         if not cfg.private:
             self.sigma = 0.0
-            self.rule = MeZORule()
+            self.rule = self._build_rule()
             self.accountant = NoAccountant()
             return
         if cfg.count_share > 0:  # n treated as private: release a Laplace-noised count
@@ -153,13 +163,33 @@ class Session:
         self.sigma = privacy.calibrate_noise(
             cfg.epsilon, cfg.delta, self.sample_rate, cfg.steps, count_share=cfg.count_share
         )
+        self.rule = self._build_rule()
+        # Exact ε at every log step and at T; in between, the bound at the next log step (valid, and
+        # one PRV query per log step instead of per step).
+        self.accountant = privacy.PrivacyAccountant(
+            self.sigma,
+            self.sample_rate,
+            cfg.delta,
+            max_steps=cfg.steps,
+            laplace_epsilon=self.count_epsilon,
+            update_every=cfg.log_every,
+        )
+
+    def _build_engine(self):
+        """What performs the steps: the fused ZO engine here; ``first_order.FirstOrderSession`` overrides it."""
+        cfg = self.cfg
+        return ZOEngine(self.flat, cfg.direction_kind, cfg.backend, cfg.difference)
+
+    def _build_rule(self):
+        """D [B, K] -> released vector, built once σ and ñ are known (first-order sessions privatise their
+        optimizer here instead)."""
+        cfg = self.cfg
+        if not cfg.private:
+            return MeZORule()
         mechanism = privacy.GaussianMechanism(
             self.sigma, cfg.clip, cfg.num_directions, cfg.clip_mode, generator=self.generator
         )
-        self.rule = PrivateRule(mechanism, self.sample_rate * self.n_hat, backend=self.engine.backend)
-        self.accountant = privacy.PrivacyAccountant(
-            self.sigma, self.sample_rate, cfg.delta, max_steps=cfg.steps, laplace_epsilon=self.count_epsilon
-        )
+        return PrivateRule(mechanism, self.sample_rate * self.n_hat, backend=self.engine.backend)
 
     def _ledger_header(self) -> dict:
         return {
@@ -176,10 +206,13 @@ class Session:
             "expected_batch_size": self.sample_rate * self.n_hat,
             "released_count": self.n_hat if self.count_epsilon > 0 else None,
             "num_labels": self.task.num_labels,
+            "head": self.head_name,
             "trainable": self.trainable,
             "trainable_numel": self.flat.numel,
             "cached_blocks": self.cached_blocks,
             "initial_sha256": fingerprint(self.flat),
+            "clip_mode": getattr(getattr(self.rule, "mechanism", None), "clip_mode", None),  # what sets the noise
+            **self.stages.header(),
         }
 
     # ------------------------------------------------------------------ steps
@@ -208,6 +241,7 @@ class Session:
             "counter": (self.engine.counter.passes, self.engine.counter.forwards),
             "untrained": self.untrained,
             "n_hat": self.n_hat,
+            "stagewise": self.stages.state_dict(),  # the stage's mask and proximal anchor
         }
         run.save_checkpoint(step, state, {"generator": self.generator.get_state()})
 
@@ -219,6 +253,8 @@ class Session:
         self.generator.set_state(secret["generator"])
         self.untrained = state["untrained"]
         self.n_hat = state["n_hat"]
+        if "stagewise" in state:
+            self.stages.load_state_dict(state["stagewise"])
         self.start_step = state["step"]
         run.truncate_logs(self.start_step)
         print(f"resuming {run.path} at step {self.start_step}", file=sys.stderr)
@@ -231,6 +267,8 @@ class Session:
         summary = {
             "method": self.cfg.method,
             "steps": self.cfg.steps,
+            "head": self.head_name,
+            "metric": self.head.primary_metric,
             "untrained_test": self.untrained,
             "final_test": final,
             "epsilon_target": self.cfg.epsilon if self.cfg.private else None,
@@ -242,12 +280,14 @@ class Session:
             "forwards": self.engine.counter.forwards,
             "train_seconds": round(elapsed, 2),
             "output_dir": str(run.path),
+            **self.stages.summary(),
         }
         run.write_summary(summary)
         return summary
 
     def print_summary(self, summary: dict) -> None:
-        u, f = summary["untrained_test"]["accuracy"], summary["final_test"]["accuracy"]
+        metric = summary.get("metric", "accuracy")
+        u, f = summary["untrained_test"][metric], summary["final_test"][metric]
         eps = summary["epsilon_spent"]
         privacy_line = (
             f"epsilon spent {eps:.3f} (target {summary['epsilon_target']}, delta {summary['delta']:g})"
@@ -255,7 +295,7 @@ class Session:
             else "non-private run (no epsilon)"
         )
         print(
-            f"\ntest accuracy: untrained {u:.4f} -> fine-tuned {f:.4f}\n{privacy_line}\n"
+            f"\ntest {metric.replace('_', ' ')}: untrained {u:.4f} -> fine-tuned {f:.4f}\n{privacy_line}\n"
             f"outputs: {summary['output_dir']} (model/, metrics.jsonl, ledger.jsonl, summary.json)"
         )
 

@@ -43,6 +43,8 @@ ELEMENTS_PER_COUNTER = {"gaussian": 4, "rademacher": 128}
 # Seed derivation domains: separate streams for directions and for stochastic rounding.
 DOMAIN_DIRECTION = 1
 DOMAIN_ROUNDING = 2
+DOMAIN_PRUNING = 3  # DP-ZOPO's data-free score probes: (stage, query) -> direction seed
+DOMAIN_PROXIMAL = 4  # DP-ZOSO's proximal pull: step -> stochastic-rounding seed
 
 
 # ---------------------------------------------------------------------------- seeds

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from . import stream
-from .config import TrainConfig, parse_args
+from .config import FIRST_ORDER_METHODS, TrainConfig, parse_args
 from .errors import UserError, report
 from .prefix_cache import cached_prefix
 from .run_dir import RunDir
@@ -26,15 +26,19 @@ def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
     bar = tqdm(range(s.start_step, cfg.steps), initial=s.start_step, total=cfg.steps, desc="train", unit="step")
     t0 = time.time()
     for step in bar:
+        lr, zo_eps = s.stages.at(step)  # constant, or DP-ZOSO's stage schedule
+        if s.stages.boundary(step):  # DP-ZOSO/ZOPO: data-free mask and proximal anchor (public, no ε)
+            run.log_ledger(s.stages.enter_stage(step))
         idx = s.sampler.sample()  # Poisson, from the secret generator
         batch = s.batch(idx)
         loss_fn = (lambda b=batch: s.head.per_example_loss(s.model, b)) if batch is not None else None
         seeds = stream.step_seeds(cfg.seed, step, K)  # public
         with torch.no_grad(), cached_prefix(s.model, s.cached_blocks):  # frozen bottom blocks run once
-            D = s.engine.estimate(loss_fn, seeds, cfg.zo_eps)
+            D = s.engine.estimate(loss_fn, seeds, zo_eps)
             released = s.rule(D)  # clip, noise, / (q n) for private methods
-            coefs = (-cfg.lr * released.grad).to(torch.float32).tolist()
-            s.engine.finish(seeds, cfg.zo_eps, coefs, rounding, stream.rounding_seed(cfg.seed, step))
+            coefs = (-lr * released.grad).to(torch.float32).tolist()
+            s.engine.finish(seeds, zo_eps, coefs, rounding, stream.rounding_seed(cfg.seed, step))
+            s.stages.after_update(step, lr)  # proximal pull towards the stage's start (--prox)
         s.accountant.step()
         eps = s.accountant.epsilon() if cfg.private else None
         run.log_ledger(
@@ -43,8 +47,8 @@ def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
                 "step": step + 1,
                 "seeds": seeds,
                 "rounding_seed": stream.rounding_seed(cfg.seed, step),
-                "zo_eps": cfg.zo_eps,
-                "lr": cfg.lr,
+                "zo_eps": zo_eps,
+                "lr": lr,
                 "released": released.grad.tolist(),
                 "coefs": coefs,
                 "epsilon": eps,
@@ -68,22 +72,35 @@ def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
     return s.finalize(run, time.time() - t0)
 
 
+def method_entry(cfg: TrainConfig):
+    """(session class, training loop) of ``cfg.method``: this ZO loop, or DP-AdamW / AdamW (first_order)."""
+    if cfg.method in FIRST_ORDER_METHODS:
+        from . import first_order  # imports Opacus: only when asked for
+
+        return first_order.FirstOrderSession, first_order.train
+    return Session, train
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         run = RunDir(cfg.output_dir)
         resuming = run.check_start(cfg)
-        session = Session(cfg, run, resuming)
+        session_cls, loop = method_entry(cfg)
+        session = session_cls(cfg, run, resuming)
     except UserError as exc:
         return report(exc)
     try:
-        summary = train(cfg, run, session)
+        summary = loop(cfg, run, session)
     except UserError as exc:
         return report(exc)
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; resume with: python -m dpzo_engine.train --resume --output-dir {run.path}", file=sys.stderr
+        hint = (
+            f"first-order runs cannot be resumed; start again with an --output-dir other than {run.path}"
+            if cfg.method in FIRST_ORDER_METHODS
+            else f"resume with: python -m dpzo_engine.train --resume --output-dir {run.path}"
         )
+        print(f"\ninterrupted; {hint}", file=sys.stderr)
         return 130
     session.print_summary(summary)
     return 0

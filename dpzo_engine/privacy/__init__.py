@@ -35,6 +35,7 @@ from .mechanism import (
     expected_batch_size,
     get_secret_state,
     laplace_count,
+    secret_device_generator,
     secret_generator,
     set_secret_state,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "expected_batch_size",
     "get_secret_state",
     "laplace_count",
+    "secret_device_generator",
     "secret_generator",
     "set_secret_state",
 ]

@@ -69,6 +69,35 @@ def secret_generator(debug_seed: int | None = None) -> torch.Generator:
     return g
 
 
+def secret_device_generator(device: torch.device | str, debug_seed: int | None = None) -> torch.Generator:
+    """A secret generator on ``device``, for noise drawn where the noised values live.
+
+    Why: d-dimensional noise (DP-AdamW's gradient noise, drawn by Opacus with the
+    parameters' device) needs a generator of that device; a CUDA generator cannot
+    draw for CPU tensors and vice versa. Same rules as ``secret_generator``: seeded
+    from OS entropy and never returned or logged; ``debug_seed`` makes the noise
+    reproducible and the run NOT private (warned). On the CPU this is simply
+    ``secret_generator``.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return secret_generator(debug_seed)
+    g = torch.Generator(device=device)
+    if debug_seed is None:
+        g.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        return g
+    if isinstance(debug_seed, bool) or not isinstance(debug_seed, int):
+        raise PrivacyError(f"debug seed must be an int, got {debug_seed!r}")
+    warnings.warn(
+        f"DEBUG noise seed {debug_seed} set: the {device.type} noise is reproducible by anyone who knows it, "
+        "so this run is NOT differentially private",
+        NotPrivateWarning,
+        stacklevel=2,
+    )
+    g.manual_seed((debug_seed * 0x9E3779B97F4A7C15 + 1) % (1 << 64))  # a stream apart from the CPU one
+    return g
+
+
 def get_secret_state(generator: torch.Generator) -> torch.Tensor:
     """The generator's state, to resume a run. SECRET: store it apart from public outputs, mode 600."""
     return generator.get_state().clone()

@@ -1,0 +1,119 @@
+"""Turning a template and examples into token ids, piece by piece.
+
+Each literal and each field of a template is tokenized on its own and the ids concatenated: the
+slot ({mask} / {answer}) then has a known position, and truncation shortens only the example's
+fields (longest first), never the template, the label word or the answer. For byte-level BPE
+(RoBERTa, OPT, GPT-2, SmolLM2) and WordPiece (BERT) tokenizers this gives the same ids as
+tokenizing the rendered string, because templates split at word boundaries and a placeholder's
+leading spaces are tokenized with it (``data/prompts.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..data import Example
+from ..data.prompts import Segment, apply_modifiers, parse_template
+from .base import HeadError
+
+
+def special_framing(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single text ([CLS] ... [SEP], <s> ... </s>,
+    OPT's leading </s>, or nothing)."""
+    probe = "hello world"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise HeadError(f"{type(tokenizer).__name__}: cannot tell its special tokens apart from the text")
+
+
+def fit_lengths(lengths: Sequence[int], budget: int) -> list[int]:
+    """Truncated lengths with sum <= budget, shortening the longest first (HF's "longest_first")."""
+    if sum(lengths) <= budget:
+        return list(lengths)
+    lo, hi = 0, max(lengths)  # the largest cap c with sum(min(l, c)) <= budget
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(n, mid) for n in lengths) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    out = [min(n, lo) for n in lengths]
+    spare = budget - sum(out)
+    for i, n in enumerate(lengths):  # hand the remainder out one token each, in template order
+        if spare and n > lo:
+            out[i] += 1
+            spare -= 1
+    return out
+
+
+@dataclass
+class EncodedPrompt:
+    """Token ids of one example: ``before`` the slot and ``after`` it (framing tokens included)."""
+
+    before: list[int]
+    after: list[int]
+
+
+class PromptEncoder:
+    """Tokenizes one template for many examples; ``slot`` is its {mask} / {answer} segment."""
+
+    def __init__(self, template: str, tokenizer: Any, *, closing_special: bool = True):
+        self.template = template
+        self.tokenizer = tokenizer
+        segments = parse_template(template)
+        i = next(k for k, s in enumerate(segments) if s.kind == "slot")
+        self.before, self.slot, self.after = segments[:i], segments[i], segments[i + 1 :]
+        self.prefix, suffix = special_framing(tokenizer)
+        self.suffix = suffix if closing_special else []
+        literals = [s.value for s in segments if s.kind == "literal"]
+        ids = tokenizer(literals, add_special_tokens=False)["input_ids"] if literals else []
+        self._literal_ids = dict(zip(literals, ids))
+
+    def tokens(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def encode(self, examples: Sequence[Example], max_length: int, reserve: Sequence[int]) -> list[EncodedPrompt]:
+        """``reserve[i]``: tokens example i needs at the slot (1 for a mask, a label word, an answer)."""
+        fields = [[self._field(s, e) for s in (*self.before, *self.after) if s.kind == "field"] for e in examples]
+        flat = self.tokens([t for row in fields for t in row])
+        fixed = (
+            len(self.prefix)
+            + len(self.suffix)
+            + sum(len(self._literal_ids[s.value]) for s in (*self.before, *self.after) if s.kind == "literal")
+        )
+        out, k = [], 0
+        for row, extra in zip(fields, reserve):
+            field_ids = flat[k : k + len(row)]
+            k += len(row)
+            budget = max_length - fixed - extra
+            if budget < 0:
+                raise HeadError(
+                    f"--max-length {max_length} is too short for the template {self.template!r}: it needs "
+                    f"{fixed + extra} tokens before any of the example's text"
+                )
+            kept = fit_lengths([len(f) for f in field_ids], budget)
+            parts = iter(f[:n] for f, n in zip(field_ids, kept))
+            before = self.prefix + self._join(self.before, parts)
+            after = self._join(self.after, parts) + self.suffix
+            out.append(EncodedPrompt(before, after))
+        return out
+
+    def _join(self, segments: Sequence[Segment], fields) -> list[int]:
+        ids: list[int] = []
+        for s in segments:
+            ids += self._literal_ids[s.value] if s.kind == "literal" else next(fields)
+        return ids
+
+    def _field(self, segment: Segment, example: Example) -> str:
+        value = getattr(example, segment.value)
+        if value is None:
+            if segment.value == "title":
+                return ""
+            raise HeadError(f"template {self.template!r} needs {{{segment.value}}}, which this task's examples lack")
+        text = apply_modifiers(value, segment.modifiers)
+        return segment.lead + text if text else ""

@@ -1,0 +1,94 @@
+"""Smoke tests: bench/memory_vs_dpadam.py and bench/step_time.py run end to end in their tiniest modes.
+
+They check the code paths and the outputs' shape, not performance (targets are GPU ratios).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def load(name: str):
+    """Import a benchmark script as a module (they import their sibling ``common``)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_opt_350m_is_facebook_opt_350m():
+    """models.SIZES["opt"]["350m"]: 512-wide embeddings with project_in/out, post-LayerNorm blocks."""
+    from dpzo_engine.models import build_random_model
+
+    model = build_random_model("opt", "350m", device="meta", head="causal-generation")
+    decoder = model.model.decoder
+    assert sum(p.numel() for p in model.parameters()) == 331_196_416  # its checkpoint: 662,392,832 fp16 bytes
+    assert decoder.project_in.in_features == 512 and decoder.final_layer_norm is None
+    assert not model.config.do_layer_norm_before
+
+
+def test_memory_benchmark_quick_inline(tmp_path):
+    bench = load("memory_vs_dpadam")
+    out = tmp_path / "memory.json"
+    report = bench.main(["--quick", "--inline", "--device", "cpu", "--out", str(out)])
+    rows = report["results"]
+    methods = bench.method_names(bench.SMALL_DIRECTIONS)
+    assert {(r["setting"], r["method"]) for r in rows} == {(s, m) for s in ("sst2", "squad") for m in methods}
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert report["targets"] == [] and "need a GPU" in report["measure"]
+    assert json.loads(out.read_text())["results"] == rows
+    assert out.with_suffix(".png").stat().st_size > 0 and "| opt-tiny | sst2 |" in out.with_suffix(".md").read_text()
+    cell = {(r["setting"], r["method"]): r for r in rows}
+    assert cell[("sst2", "dp-adamw")]["first_order"]["opacus_mode"] == "ghost"
+    assert cell[("squad", "dp-adamw")]["first_order"]["opacus_mode"] == "fast"  # tied LM head
+    zopo = cell[("sst2", "dp-zopo")]
+    assert zopo["mask_bytes"] == zopo["mask_extra_bytes"] > 0 and 0 < zopo["mask_kept_fraction"] < 0.02
+    assert cell[("sst2", "dp-aggzo-k4")]["directions"] == 4
+
+
+def test_memory_benchmark_process_per_cell_and_oom_as_a_result(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the worker process
+    bench = load("memory_vs_dpadam")
+    one_cell = ["--quick", "--device", "cpu", "--methods", "inference", "--settings", "sst2"]
+    report = bench.main([*one_cell, "--out", str(tmp_path / "m.json")])
+    (row,) = report["results"]
+    assert row["status"] == "ok" and row["cpu_max_rss_bytes"] > 0  # measured in a fresh worker process
+    too_big = ["--batch-size", "1000000", "--seq-len", "1000000", "--inline"]  # 8e12 bytes of token ids
+    huge = bench.main([*one_cell, *too_big, "--out", str(tmp_path / "oom.json")])
+    assert huge["results"][0]["status"] == "oom"
+
+
+def test_step_time_quick(tmp_path):
+    bench = load("step_time")
+    report = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "st.json")])
+    (model,) = report["results"]
+    assert model["loss_max_abs_difference"] < 1e-4  # gathered and full-vocabulary losses agree
+    rows = {r["implementation"]: r for r in model["rows"]}
+    assert set(rows) == set(bench.IMPLEMENTATIONS)
+    k = rows["ours-central"]["K"]
+    assert rows["ours-central"]["forwards_per_step"] == 2 * k == rows["mezo-style"]["forwards_per_step"]
+    assert rows["ours-forward"]["forwards_per_step"] == k + 1
+    assert all(r["step_s"] > 0 and 0 <= r["outside_forward_share"] < 1 for r in rows.values())
+    assert rows["mezo-style"]["speedup_vs_mezo_style"] == 1.0
+    assert [t["pass"] for t in report["targets"]] == [None, None, None]  # GPU targets: not judged on CPU
+    assert json.loads((tmp_path / "st.json").read_text())["results"] == report["results"]

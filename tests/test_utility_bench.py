@@ -1,0 +1,81 @@
+"""bench/utility.py on tiny models: the replayed frozen features give exactly the full model's
+losses (encoder + classifier, causal LM + verbalizer), a run counts its forwards, the claim check
+compares the margin with the seed spread, and the plot is written."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_fixtures import sentiment_examples, tiny_lm
+
+from dpzo_engine.data import Example, TaskData
+from dpzo_engine.data.prompts import SENTIMENT2
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "utility.py"
+
+
+@pytest.fixture(scope="module")
+def utility():
+    spec = importlib.util.spec_from_file_location("bench_utility", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_task() -> TaskData:
+    base = sentiment_examples()
+    ex = [Example(f"{e.text} {i}", e.label) for i in range(6) for e in base]
+    return TaskData("tiny", ("negative", "positive"), ex[:16], ex[16:20], ex[20:], prompt=SENTIMENT2)
+
+
+@pytest.mark.parametrize(
+    ("arch", "head", "trainable"),
+    [("roberta", "sequence-classification", "head"), ("llama", "causal-prompt", r"re:^model\.norm\.")],
+)
+def test_replayed_features_are_exact_and_runs_count_forwards(utility, tmp_path, arch, head, trainable):
+    model, tok = tiny_lm(arch, head)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    s = utility.load_setting(small_task(), str(tmp_path), trainable, max_length=24)
+    assert s.info["head"] == head and s.features.length == 2  # both tiny blocks replayed
+    assert utility.check_replay_is_exact(s, n=8) < 1e-6
+    with torch.no_grad():  # the test split too, through the evaluation path
+        batch = s.head.collate(s.task.test, s.tokenizer, 24)
+        full = s.head.per_example_loss(s.model, batch).double().mean().item()
+    assert math.isclose(utility.scores(s, "test")["loss"], full, rel_tol=1e-6)
+    grid = utility.Grid((0.01,), (4.0,))
+    row = utility.run_method(s, utility.Method("dp-aggzo", 4), 2.0, grid, seeds=2, steps=3, batch_size=4, log=print)
+    assert row["forwards_per_run"] <= 2 * 4 * 3 and len(row["seeds"]) == 2 and row["chosen"]["clip"] == 2.0
+    assert row["epsilon_spent"] <= 2.0 + 1e-6 and row["test_accuracy"]["n"] == 2
+
+
+def test_claim_and_plot(utility, tmp_path):
+    def row(K, eps, accs, private=True):
+        return {"K": K, "epsilon": eps, "private": private, "label": f"K={K}", "test_accuracy": utility.summarize(accs)}
+
+    rows = [row(1, 2.0, [0.60, 0.62, 0.61]), row(16, 2.0, [0.70, 0.71, 0.69]), row(64, 2.0, [0.62, 0.63, 0.70])]
+    rows.append(row(1, None, [0.6, 0.6], private=False))
+    verdicts = {c["K"]: c for c in utility.claim(rows, [2.0])}
+    assert verdicts[16]["holds"] and verdicts[16]["seed_spread"] == pytest.approx(0.02)
+    assert not verdicts[64]["holds"]  # margin 0.04 < spread 0.08
+    results = {
+        "config": {"epsilons": [2.0], "steps": 3, "batch_size": 4, "model": "tiny"},
+        "tasks": [{"task": "tiny", "methods": rows, "untrained": {"test": {"accuracy": 0.5}}}],
+    }
+    utility.plot(results, tmp_path / "u.png")
+    assert (tmp_path / "u.png").stat().st_size > 1000
