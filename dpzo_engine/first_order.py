@@ -209,11 +209,18 @@ class OpacusCompat:
     * BERT broadcasts one [1, T] row of position (and token-type) ids over the batch; the ids are
       expanded to [B, T] before the lookup. Embedding ids are made contiguous.
 
-    ``remove()`` restores the original classes and calls. Other modules are left alone.
+    * RoBERTa's and BERT's MLM heads register the decoder's bias a second time on themselves. A
+      module with its own trainable parameter but no per-sample rule is one Opacus does not look
+      inside, so its children (dense, norm, decoder) would get no hooks; such aliases are
+      unregistered from the parent while Opacus is attached (the child still owns and trains them).
+
+    ``remove()`` restores the original classes, calls and registrations. Other modules are left alone.
     """
 
     def __init__(self, model: nn.Module):
         self._restore: list = []
+        for module in list(model.modules()):
+            self._unregister_aliases(module)
         from transformers.models.bert.modeling_bert import BertEmbeddings
         from transformers.models.opt.modeling_opt import OPTDecoderLayer, OPTLearnedPositionalEmbedding
 
@@ -239,6 +246,25 @@ class OpacusCompat:
             elif type(module) is nn.Embedding:
                 self._restore.append(module.register_forward_pre_hook(_contiguous_ids).remove)
         _register_opt_samplers(OPTLearnedPositionalEmbedding)
+
+    def _unregister_aliases(self, module: nn.Module) -> None:
+        """Drop ``module``'s own registrations of parameters that one of its children also owns."""
+        owned_below = {id(p) for child in module.children() for p in child.parameters()}
+        aliases = [name for name, p in module._parameters.items() if p is not None and id(p) in owned_below]
+        if not aliases:
+            return
+        original = dict(module._parameters)  # registration order, restored as it was
+        for name in aliases:
+            del module._parameters[name]
+            vars(module)[name] = original[name]  # attribute access keeps working
+
+        def restore(m=module, params=original, names=aliases) -> None:
+            for name in names:
+                vars(m).pop(name, None)
+            m._parameters.clear()
+            m._parameters.update(params)
+
+        self._restore.append(restore)
 
     def remove(self) -> None:
         while self._restore:
@@ -533,6 +559,12 @@ class FirstOrderTrainer:
 
     def _audited_losses(self, batch: Batch) -> torch.Tensor:
         """The first private forward, watched by ``ParameterUseAudit``; refuses unclippable uses."""
+        if getattr(self.head, "expands_rows", False):  # known once a batch is collated, as it is here
+            self.close()
+            raise OpacusModeError(
+                f"DP-AdamW cannot clip per example with the {type(self.head).__name__}: a label word spans "
+                "several tokens, so each example becomes one row per class; use single-token label words"
+            )
         with ParameterUseAudit(self.model) as audit:
             losses = self.head.per_example_loss(self.model, batch)
         self._audited = True

@@ -152,6 +152,57 @@ def test_clipped_sum_matches_a_per_example_loop(arch, mode, physical):
         torch.testing.assert_close(g * q_n, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(("arch", "head_name"), [("roberta", "mlm-prompt"), ("opt", "causal-prompt")])
+@pytest.mark.parametrize("trainable", ["all", "last:1"])
+def test_prompt_heads_are_clipped_per_example(arch, head_name, trainable):
+    """The papers' prompt heads under DP-AdamW: with the (tied) vocabulary projection trainable its
+    gradient goes through the decoder module, so the clipped sum still matches a per-example loop."""
+    from lm_fixtures import sentiment_examples, tiny_lm
+
+    from dpzo_engine.data.prompts import SENTIMENT2
+    from dpzo_engine.heads import CausalPromptHead, MaskedLMPromptHead
+    from dpzo_engine.models import select_trainable
+
+    model, tok = tiny_lm(arch, head_name, **NO_DROPOUT)
+    select_trainable(model, trainable)
+    head = (MaskedLMPromptHead if head_name == "mlm-prompt" else CausalPromptHead)(SENTIMENT2)
+    batch = head.collate(sentiment_examples()[:5], tok, 32)
+    model.train()
+    grads = per_example_gradients(model, head, batch)
+    norms = torch.stack([torch.stack([g.norm() for g in gs]).norm() for gs in grads])
+    clip = float(norms.median())
+    expected = [
+        sum(gs[j] * min(1.0, clip / (float(n) + 1e-6)) for gs, n in zip(grads, norms)) for j in range(len(grads[0]))
+    ]
+    names = [n for n, _ in model.named_parameters()]
+    trainer = FirstOrderTrainer(model, head, lr=1e-3)
+    trainer.make_private(noise_multiplier=0.0, clip=clip, expected_batch_size=4.0, generator=torch.Generator())
+    try:
+        got = released_gradient(trainer, batch)
+    finally:
+        trainer.close()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g * 4.0, e, rtol=1e-4, atol=1e-6)
+    assert [n for n, _ in model.named_parameters()] == names  # RoBERTa's lm_head.bias alias is registered again
+
+
+def test_multi_token_label_words_are_refused():
+    from lm_fixtures import sentiment_examples, tiny_lm
+
+    from dpzo_engine.data import Prompt
+    from dpzo_engine.heads import CausalPromptHead
+
+    model, tok = tiny_lm("opt", "causal-prompt", **NO_DROPOUT)
+    head = CausalPromptHead(Prompt("{text} It was {mask}.", ("terrible", "great fun")))
+    batch = head.collate(sentiment_examples()[:3], tok, 32)
+    assert head.expands_rows
+    trainer = FirstOrderTrainer(model, head, lr=1e-3)
+    trainer.make_private(noise_multiplier=1.0, clip=1.0, expected_batch_size=2.0, generator=torch.Generator())
+    with pytest.raises(OpacusModeError, match="several tokens"):
+        trainer.step(batch)
+    assert not hasattr(model, "autograd_grad_sample_hooks")
+
+
 def test_noise_comes_from_the_given_generator_with_std_sigma_c_over_qn():
     model = build_random_model("opt", "tiny", seed=0, **NO_DROPOUT)
     sigma, clip, q_n = 1.5, 0.7, 3.0

@@ -41,7 +41,16 @@ def output_embedding(model: nn.Module) -> nn.Linear:
 
 
 def vocab_logits(decoder: nn.Linear, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 logits [N, V] of ``hidden`` [N, H], or [N, C] for the vocabulary rows ``token_ids`` only."""
+    """fp32 logits [N, V] of ``hidden`` [N, H], or [N, C] for the vocabulary rows ``token_ids`` only.
+
+    Without gradients (every ZO forward) or with a frozen projection, only the ``token_ids`` rows
+    of the weight are multiplied. When the projection (weight or bias) trains with gradients (DP-AdamW
+    with the embeddings or the LM head trainable), the decoder is called as a module on the gathered
+    rows, so per-example gradient hooks (Opacus) see, and clip, its gradient too.
+    """
+    if torch.is_grad_enabled() and any(p.requires_grad for p in decoder.parameters()):
+        logits = decoder(hidden)
+        return (logits if token_ids is None else logits.index_select(-1, token_ids)).float()
     weight, bias = decoder.weight, decoder.bias
     if token_ids is not None:
         weight = weight.index_select(0, token_ids)
