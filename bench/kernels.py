@@ -20,13 +20,13 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import common
 import torch
 
 from dpzo_engine import ops, stream
@@ -63,29 +63,6 @@ OPT_POSITION_OFFSET = 2  # OPT's learned positional embedding has max_position_e
 
 
 # ---------------------------------------------------------------------------- helpers
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
 class Timer:
     """Wall time of a callable.  CUDA: median of triton's ``do_bench`` (or of CUDA events).  CPU: best of
     ``reps`` perf_counter runs, since on a shared CPU the noise only ever adds time."""
@@ -439,9 +416,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "benchmark": "kernels",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
-        "cpu": cpu_name(),
+        "cpu": common.cpu_name(),
         "torch": torch.__version__,
-        "triton": triton_version(),
+        "triton": common.triton_version(),
         "python": platform.python_version(),
         "quick": args.quick,
         "coef": COEF,
@@ -458,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             GPU_DIRECTIONS_QUICK if args.quick else GPU_DIRECTIONS,
         )
         print_gpu(results)
-        default_name = slug(name)
+        default_name = common.slug(name)
     elif device.type == "cpu":
         size = (sizes or [CPU_SIZE_QUICK if args.quick else CPU_SIZE])[0]
         reference_size = CPU_REFERENCE_SIZE_QUICK if args.quick else CPU_REFERENCE_SIZE
@@ -466,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             size, reference_size, CPU_DIRECTIONS, reps=2 if args.quick else 3, reference_reps=1
         )
         print_cpu(results)
-        default_name = "cpu-" + slug(info["cpu"])
+        default_name = "cpu-" + common.slug(info["cpu"])
     else:
         parser.error(f"unsupported device {device}")
     info["seconds"] = round(time.perf_counter() - started, 1)

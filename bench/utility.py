@@ -47,10 +47,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
 import torch
 from torch import nn
 
-from dpzo_engine import privacy, stream
+from dpzo_engine import privacy
 from dpzo_engine.data import Example, TaskData, get_task
 from dpzo_engine.flat import FlatParams
 from dpzo_engine.heads import ClassificationHead, build_head, move_batch, resolve_head
@@ -60,6 +61,7 @@ from dpzo_engine.prefix_cache import frozen_prefix_length
 from dpzo_engine.pruning import MaskPolicy
 from dpzo_engine.schedules import StageSchedule
 from dpzo_engine.stagewise import Stagewise
+from dpzo_engine.step import ZOStep
 from dpzo_engine.zo import ZOEngine
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -271,26 +273,26 @@ def train_once(
     else:
         rule = MeZORule()
     clipped: list[float] = []
-    rounding = "stochastic" if s.flat.buffers[0].dtype == torch.bfloat16 else "nearest"  # as the trainer's auto
+    take_step = ZOStep(  # the trainer's step (dpzo_engine/step.py) on the replayed features
+        engine=engine,
+        rule=rule,
+        sampler=sampler,
+        stages=stagewise,
+        per_example_loss=lambda batch: s.head.per_example_loss(s.model, batch),
+        collate=lambda idx: move_batch(
+            s.head.collate([train[i] for i in idx], s.tokenizer, s.max_length), s.flat.device
+        ),
+        forwards=lambda idx: s.features.replay("train", idx),
+        master_seed=seed,
+        num_directions=method.K,
+        rounding="stochastic" if s.flat.buffers[0].dtype == torch.bfloat16 else "nearest",  # the trainer's auto
+    )
     t0 = time.perf_counter()
     for step in range(steps):
-        lr_t, zo_eps = stagewise.at(step)
-        if stagewise.boundary(step):
-            stagewise.enter_stage(step)
-        idx = sampler.sample().tolist()
-        seeds = stream.step_seeds(seed, step, method.K)
-        loss_fn = None
-        if idx:
-            batch = move_batch(s.head.collate([train[i] for i in idx], s.tokenizer, s.max_length), s.flat.device)
-            loss_fn = lambda b=batch: s.head.per_example_loss(s.model, b)  # noqa: E731
-        with torch.no_grad(), s.features.replay("train", idx):
-            D = engine.estimate(loss_fn, seeds, zo_eps)
-            released = rule(D)
-            coefs = (-lr_t * released.grad).to(torch.float32).tolist()
-            engine.finish(seeds, zo_eps, coefs, rounding, stream.rounding_seed(seed, step))
+        rec = take_step(step)
         if method.private:
             accountant.step()
-            clipped.append(released.fraction_clipped)
+            clipped.append(rec.released.fraction_clipped)
     seconds = time.perf_counter() - t0
     finite = all(bool(torch.isfinite(b).all()) for b in s.flat.buffers)  # a diverged point scores NaN
     return {
@@ -501,19 +503,6 @@ def print_table(results: dict) -> None:
             )
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1]
-                return "cpu-" + "-".join(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-").split("-")[:2])
-    except OSError:
-        pass
-    return "cpu"
-
-
 TASK_DEFAULTS = {  # max_length, k_shot (None: the task's default); tweets: 512 per class, as in the committed results
     "tweet-sentiment": (48, 512),
     "tweet-sentiment-3": (48, 512),
@@ -554,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results: dict = {
         "benchmark": "utility",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(),
+        "device": common.device_label(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": "python bench/utility.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -656,6 +656,11 @@ class FirstOrderSession(Session):
     """``Session`` with a ``FirstOrderTrainer`` in place of the ZO engine: same task, model, head,
     Poisson sampler, σ calibration, accountant, output directory, evaluation and model saving."""
 
+    def _metrics_row(self, row: dict) -> dict:
+        row["backward_passes"] = row.pop("passes", self.engine.counter.passes)
+        row.pop("relative_clip_error", None)  # needs the unclipped gradient sum, which Opacus does not keep
+        return row
+
     def _build_engine(self) -> FirstOrderTrainer:
         cfg = self.cfg
         return FirstOrderTrainer(
@@ -717,15 +722,7 @@ def train(cfg: TrainConfig, run: RunDir, s: FirstOrderSession) -> dict:
             s.loss_meter.update(stats.loss, diagnostics)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                row = s.loss_meter.flush(done, eps, s.engine.counter, time.time() - t0)
-                row["backward_passes"] = row.pop("passes", s.engine.counter.passes)
-                row.pop("relative_clip_error", None)  # needs the unclipped gradient sum, which Opacus does not keep
-                run.log_metrics(row)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4f}",
-                    eps=f"{eps:.3f}" if eps is not None else "-",
-                    clipped=f"{row['fraction_clipped']:.2f}",
-                )
+                s.log_progress(run, bar, done, eps, time.time() - t0)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 run.log_metrics({"step": done, "split": "dev", **s.evaluate("dev")})
     finally:

@@ -119,16 +119,20 @@ def model_kind(model: str = MINILM) -> str:
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=bool(local or offline))
     except (OSError, ValueError) as exc:
-        if local:
-            raise ModelError(f"cannot load model from {source}: {_first_line(exc)}") from exc
-        if offline:
-            raise ModelError(
-                f"model '{model}' is not a local directory and the HuggingFace hub is offline ({offline}=1); "
-                "pass a local path"
-            ) from exc
-        reason = _first_line(exc)
-        raise ModelError(f"cannot load '{model}' from the HuggingFace hub ({reason}); pass a local path") from exc
+        raise _load_error(exc, model, source, local, offline) from exc
     return kind_of_config(config)
+
+
+def _load_error(exc: BaseException, model: str, source: str, local: bool, offline: str | None) -> ModelError:
+    """One line saying why ``model`` did not load: a broken local directory, the hub offline, or the hub's reason."""
+    if local:
+        return ModelError(f"cannot load model from {source}: {_first_line(exc)}")
+    if offline:
+        return ModelError(
+            f"model '{model}' is not a local directory and the HuggingFace hub is offline ({offline}=1); "
+            "pass a local path"
+        )
+    return ModelError(f"cannot load '{model}' from the HuggingFace hub ({_first_line(exc)}); pass a local path")
 
 
 def kind_of_config(config: Any) -> str:
@@ -182,15 +186,7 @@ def load_model_and_tokenizer(
                 kwargs["num_labels"] = num_labels
             net, info = auto.from_pretrained(source, dtype=_dtype(dtype), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        if local:
-            raise ModelError(f"cannot load model from {source}: {_first_line(exc)}") from exc
-        if offline:
-            raise ModelError(
-                f"model '{model}' is not a local directory and the HuggingFace hub is offline ({offline}=1); "
-                "pass a local path"
-            ) from exc
-        reason = _first_line(exc)
-        raise ModelError(f"cannot load '{model}' from the HuggingFace hub ({reason}); pass a local path") from exc
+        raise _load_error(exc, model, source, local, offline) from exc
     _check_loading(net, info, model, head)
     set_pad_token(tokenizer, net)
     net.config.use_cache = False  # no KV cache: every forward is a fresh full pass

@@ -20,9 +20,10 @@ from .flat import FlatParams
 from .heads import build_head, evaluate, resolve_head
 from .methods import MeZORule, PrivateRule, Released
 from .models import load_model_and_tokenizer, model_kind, select_trainable
-from .prefix_cache import frozen_prefix_length
+from .prefix_cache import cached_prefix, frozen_prefix_length
 from .run_dir import RunDir
 from .stagewise import build_stagewise
+from .step import ZOStep
 from .zo import PassCounter, ZOEngine
 
 
@@ -216,12 +217,30 @@ class Session:
         }
 
     # ------------------------------------------------------------------ steps
-    def batch(self, idx: torch.Tensor) -> dict | None:
-        if idx.numel() == 0:
+    def batch(self, idx: torch.Tensor | list[int]) -> dict | None:
+        """The training examples ``idx`` collated on the device; None for an empty Poisson batch."""
+        indices = idx.tolist() if torch.is_tensor(idx) else list(idx)
+        if not indices:
             return None
-        examples = [self.task.train[i] for i in idx.tolist()]
+        examples = [self.task.train[i] for i in indices]
         batch = self.head.collate(examples, self.tokenizer, self.cfg.max_length)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def build_step(self) -> ZOStep:
+        """The ZO step of DESIGN section 5 on this session's parts (frozen bottom blocks run once)."""
+        cfg = self.cfg
+        return ZOStep(
+            engine=self.engine,
+            rule=self.rule,
+            sampler=self.sampler,
+            stages=self.stages,
+            per_example_loss=lambda batch: self.head.per_example_loss(self.model, batch),
+            collate=self.batch,
+            forwards=lambda idx: cached_prefix(self.model, self.cached_blocks),
+            master_seed=cfg.seed,
+            num_directions=cfg.num_directions,
+            rounding=cfg.update_rounding(),
+        )
 
     def evaluate(self, split: str) -> dict:
         examples = getattr(self.task, split)
@@ -284,6 +303,20 @@ class Session:
         }
         run.write_summary(summary)
         return summary
+
+    def log_progress(self, run: RunDir, bar, done: int, eps: float | None, elapsed: float) -> dict:
+        """Flush the running means into metrics.jsonl and the progress bar (loss, ε, fraction clipped)."""
+        row = self._metrics_row(self.loss_meter.flush(done, eps, self.engine.counter, elapsed))
+        run.log_metrics(row)
+        bar.set_postfix(
+            loss=f"{row['loss']:.4f}",
+            eps=f"{eps:.3f}" if eps is not None else "-",
+            clipped=f"{row['fraction_clipped']:.2f}",
+        )
+        return row
+
+    def _metrics_row(self, row: dict) -> dict:
+        return row
 
     def print_summary(self, summary: dict) -> None:
         metric = summary.get("metric", "accuracy")

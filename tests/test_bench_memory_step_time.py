@@ -11,17 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def load(name: str):

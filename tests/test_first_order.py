@@ -8,7 +8,6 @@ architectures, including a causal LM whose LM head is tied to its embeddings.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,8 @@ from dpzo_engine.heads import SequenceClassificationHead
 from dpzo_engine.models import build_random_model, random_batch, random_config
 from dpzo_engine.train import main as train_main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
+
 NO_DROPOUT = dict(
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
@@ -36,15 +37,6 @@ NO_DROPOUT = dict(
     attention_dropout=0.0,
     activation_dropout=0.0,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class AnswerNLL:
@@ -316,29 +308,6 @@ def test_bf16_trains_with_fp32_master_weights_and_a_clip_margin():
 
 
 # ----------------------------------------------------------------------------- the trainer
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
-    from transformers import AutoTokenizer
-
-    from dpzo_engine.models import minilm_dir
-
-    root = tmp_path_factory.mktemp("fo-assets")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    model = build_random_model("bert", "tiny", num_labels=2, seed=0, vocab_size=tokenizer.vocab_size)
-    model.save_pretrained(root / "tiny-bert")
-    tokenizer.save_pretrained(root / "tiny-bert")
-    data = root / "data"
-    data.mkdir()
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("dev", 8), ("test", 16)):
-        rows = ["text,label"] + [
-            f"{rng.choice(['good great', 'bad awful'])} w{rng.randint(0, 99)},{'positive' if i % 2 else 'negative'}"
-            for i in range(n)
-        ]
-        (data / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return root / "tiny-bert", data
 
 
 def cli_args(assets, out: Path, *extra: str) -> list[str]:

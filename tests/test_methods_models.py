@@ -15,6 +15,8 @@ from dpzo_engine.models import build_random_model, random_batch
 from dpzo_engine.privacy import GaussianMechanism
 from dpzo_engine.zo import ZOEngine
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
+
 
 def make_rule(method: str, k: int):
     gen = torch.Generator().manual_seed(0)
@@ -22,15 +24,6 @@ def make_rule(method: str, k: int):
         return MeZORule()
     mode = "per_direction" if method == "dp-aggzo-perdir" else "joint"
     return PrivateRule(GaussianMechanism(1.0, 1.0, k, mode, generator=gen), expected_batch_size=4.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by OpenMP start-up with two threads on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "opt", "llama"])

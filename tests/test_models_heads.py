@@ -20,18 +20,10 @@ from dpzo_engine.models import (
     select_trainable,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
+
 ARCHS = ("bert", "roberta", "opt", "llama")
 HEAD = SequenceClassificationHead()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP barriers
-    turn each 10 µs op into ~30 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trim(batch: dict, i: int) -> dict:

@@ -20,13 +20,7 @@ from dpzo_engine.models import ModelError, build_random_model, load_model_and_to
 from dpzo_engine.replay import main as replay_main
 from dpzo_engine.train import main as train_main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 def save(model, tok, path: Path) -> Path:

@@ -23,13 +23,7 @@ from dpzo_engine.heads import (
 from dpzo_engine.heads.metrics import best_exact_match, best_f1, normalize_answer
 from dpzo_engine.heads.prompting import PromptEncoder, fit_lengths, special_framing
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 def alone(head, model, tok, examples, max_length=64):

@@ -33,14 +33,7 @@ from dpzo_engine.pruning import (
 )
 from dpzo_engine.zo import ZOEngine
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by OpenMP start-up with two threads on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,38 +20,7 @@ from safetensors.torch import load_file
 
 from dpzo_engine.train import main as train_main
 
-POSITIVE = ["good", "great", "lovely", "happy", "excellent", "fun", "nice", "best"]
-NEGATIVE = ["bad", "awful", "sad", "terrible", "boring", "worst", "ugly", "poor"]
-
-
-def write_split(path: Path, n: int, seed: int) -> None:
-    rng = random.Random(seed)
-    rows = ["text,label"]
-    for i in range(n):
-        label = i % 2
-        words = [*rng.sample(POSITIVE if label else NEGATIVE, 3), f"w{rng.randint(0, 999)}"]
-        rows.append(f"{' '.join(words)} {i},{'positive' if label else 'negative'}")
-    path.write_text("\n".join(rows) + "\n")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
-    from transformers import AutoTokenizer
-
-    from dpzo_engine.models import build_random_model, minilm_dir
-
-    root = tmp_path_factory.mktemp("assets")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    model = build_random_model("bert", "tiny", num_labels=2, seed=0, vocab_size=tokenizer.vocab_size)
-    model_dir = root / "tiny-bert"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data_dir = root / "data"
-    data_dir.mkdir()
-    write_split(data_dir / "train.csv", 96, 0)
-    write_split(data_dir / "dev.csv", 16, 1)
-    write_split(data_dir / "test.csv", 32, 2)
-    return model_dir, data_dir
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 def base_args(assets, out: Path, *extra: str) -> list[str]:
@@ -63,14 +31,6 @@ def base_args(assets, out: Path, *extra: str) -> list[str]:
         "--lr", "0.05", "--log-every", "2", "--save-every", "2", "--eval-batch-size", "32",
         "--output-dir", str(out), *extra,
     ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_run_writes_everything(assets, tmp_path, capsys):

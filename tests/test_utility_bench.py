@@ -16,6 +16,8 @@ from lm_fixtures import sentiment_examples, tiny_lm
 from dpzo_engine.data import Example, TaskData
 from dpzo_engine.data.prompts import SENTIMENT2
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "utility.py"
 
 
@@ -24,17 +26,13 @@ def utility():
     spec = importlib.util.spec_from_file_location("bench_utility", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCH.parent))  # its sibling bench/common.py, as when run as a script
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH.parent))
     yield module
     del sys.modules[spec.name]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_task() -> TaskData:

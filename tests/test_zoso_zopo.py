@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,7 @@ from dpzo_engine.session import Session
 from dpzo_engine.stagewise import ProximalAnchor
 from dpzo_engine.train import main as train_main
 
-POSITIVE = ["good", "great", "lovely", "happy", "excellent", "fun", "nice", "best"]
-NEGATIVE = ["bad", "awful", "sad", "terrible", "boring", "worst", "ugly", "poor"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
 
 # ----------------------------------------------------------------------------- proximal pull
@@ -91,34 +81,6 @@ def test_bf16_pull_is_unbiased_with_stochastic_rounding():
 
 
 # ----------------------------------------------------------------------------- CLI
-def write_split(path: Path, n: int, seed: int) -> None:
-    rng = random.Random(seed)
-    rows = ["text,label"]
-    for i in range(n):
-        label = i % 2
-        words = [*rng.sample(POSITIVE if label else NEGATIVE, 3), f"w{rng.randint(0, 999)}"]
-        rows.append(f"{' '.join(words)} {i},{'positive' if label else 'negative'}")
-    path.write_text("\n".join(rows) + "\n")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
-    from transformers import AutoTokenizer
-
-    from dpzo_engine.models import build_random_model, minilm_dir
-
-    root = tmp_path_factory.mktemp("assets")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    model = build_random_model("bert", "tiny", num_labels=2, seed=0, vocab_size=tokenizer.vocab_size)
-    model.save_pretrained(root / "tiny-bert")
-    tokenizer.save_pretrained(root / "tiny-bert")
-    data = root / "data"
-    data.mkdir()
-    for split, n, seed in (("train", 96, 0), ("dev", 16, 1), ("test", 32, 2)):
-        write_split(data / f"{split}.csv", n, seed)
-    return root / "tiny-bert", data
-
-
 def args(assets, out: Path, *extra: str) -> list[str]:
     model_dir, data_dir = assets
     return [

@@ -53,20 +53,7 @@ def secret_generator(debug_seed: int | None = None) -> torch.Generator:
     debugging only: anyone who knows it can recompute the noise, so the run is NOT
     private, and a ``NotPrivateWarning`` says so.
     """
-    g = torch.Generator(device="cpu")
-    if debug_seed is None:
-        g.manual_seed(int.from_bytes(os.urandom(8), "little"))
-        return g
-    if isinstance(debug_seed, bool) or not isinstance(debug_seed, int):
-        raise PrivacyError(f"debug seed must be an int, got {debug_seed!r}")
-    warnings.warn(
-        f"DEBUG noise seed {debug_seed} set: Poisson sampling and DP noise are reproducible "
-        "by anyone who knows it, so this run is NOT differentially private",
-        NotPrivateWarning,
-        stacklevel=2,
-    )
-    g.manual_seed(debug_seed % (1 << 64))
-    return g
+    return _secret(torch.device("cpu"), debug_seed, "Poisson sampling and DP noise are", lambda s: s)
 
 
 def secret_device_generator(device: torch.device | str, debug_seed: int | None = None) -> torch.Generator:
@@ -82,6 +69,11 @@ def secret_device_generator(device: torch.device | str, debug_seed: int | None =
     device = torch.device(device)
     if device.type == "cpu":
         return secret_generator(debug_seed)
+    apart = lambda s: s * 0x9E3779B97F4A7C15 + 1  # noqa: E731  (a debug stream apart from the CPU one)
+    return _secret(device, debug_seed, f"the {device.type} noise is", apart)
+
+
+def _secret(device: torch.device, debug_seed: int | None, what: str, debug_stream) -> torch.Generator:
     g = torch.Generator(device=device)
     if debug_seed is None:
         g.manual_seed(int.from_bytes(os.urandom(8), "little"))
@@ -89,12 +81,12 @@ def secret_device_generator(device: torch.device | str, debug_seed: int | None =
     if isinstance(debug_seed, bool) or not isinstance(debug_seed, int):
         raise PrivacyError(f"debug seed must be an int, got {debug_seed!r}")
     warnings.warn(
-        f"DEBUG noise seed {debug_seed} set: the {device.type} noise is reproducible by anyone who knows it, "
+        f"DEBUG noise seed {debug_seed} set: {what} reproducible by anyone who knows it, "
         "so this run is NOT differentially private",
         NotPrivateWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
-    g.manual_seed((debug_seed * 0x9E3779B97F4A7C15 + 1) % (1 << 64))  # a stream apart from the CPU one
+    g.manual_seed(debug_stream(debug_seed) % (1 << 64))
     return g
 
 
