@@ -9,6 +9,8 @@ Targets are ratios measured in one run on one machine (DESIGN section 8), never 
   parameter shapes of OPT-1.3B (>= 3x).
 * CPU: the C++ kernels against the PyTorch reference in elements/s (>= 20x), with the torch
   copy bandwidth as context.
+* Both: bf16 drift of one step's perturb/restore passes, ours fused (2K+1 roundings) against
+  MeZO's +λ/−2λ/+λ (3K), through the engine's own passes (``dpzo_engine.drift``).
 
 Uses only the public ``dpzo_engine.ops`` API.  Writes ``bench/results/kernels_<device>.json``
 and prints a table.  ``python bench/kernels.py [--device cuda|cpu] [--sizes 1e8,2e9] [--quick]``
@@ -30,6 +32,7 @@ import common
 import torch
 
 from dpzo_engine import ops, stream
+from dpzo_engine.drift import bf16_drift
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MASTER_SEED = 1234  # public direction seeds, as the trainer derives them
@@ -47,6 +50,8 @@ CPU_DIRECTIONS = [1, 2, 8]
 CPU_REFERENCE_SIZE, CPU_REFERENCE_SIZE_QUICK = 1_000_000, 250_000
 CPU_SIZE, CPU_SIZE_QUICK = 8_000_000, 2_000_000
 TARGET_CPU_SPEEDUP = 20.0
+
+DRIFT_SIZE, DRIFT_SIZE_QUICK = 1_000_000, 100_000  # bf16 weights in the drift comparison (printed, not a target)
 
 # facebook/opt-1.3b hyperparameters (its config.json); the shapes only set the tensor sizes.
 OPT_1_3B = dict(
@@ -401,6 +406,15 @@ def parse_sizes(text: str | None) -> list[int] | None:
     return None if not text else [int(float(s)) for s in text.split(",") if s.strip()]
 
 
+def print_drift(d: dict) -> None:
+    print(
+        f"\nbf16 drift after one step's passes, K={d['directions']}, λ={d['zo_eps']:g}, {d['numel']:,} weights "
+        f"~ N(0, 0.02²), {d['backend']}:\n  fused restore-and-perturb ({d['fused_passes']} passes): "
+        f"{d['fused_mean_ulps']:.3f} ulp mean |drift|\n  MeZO +λ/−2λ/+λ ({d['mezo_passes']} passes): "
+        f"{d['mezo_mean_ulps']:.3f} ulp   ratio {d['fused_mean_ulps'] / d['mezo_mean_ulps']:.2f}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda[:i] or cpu")
@@ -446,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         default_name = "cpu-" + common.slug(info["cpu"])
     else:
         parser.error(f"unsupported device {device}")
+    results["drift"] = bf16_drift(numel=DRIFT_SIZE_QUICK if args.quick else DRIFT_SIZE, directions=16, device=device)
+    print_drift(results["drift"])
     info["seconds"] = round(time.perf_counter() - started, 1)
     report = {**info, "targets": targets, "all_pass": all(t["pass"] is True for t in targets), "results": results}
     out = args.out or RESULTS_DIR / f"kernels_{default_name}.json"

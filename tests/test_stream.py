@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from dpzo_engine import ops, stream
+from dpzo_engine.drift import bf16_drift, bf16_ulp
 
 N_STATS = 400_000  # reference generates ~2M values/s on 2 cores
 
@@ -86,12 +87,6 @@ def test_no_correlation_between_neighbouring_seeds_and_directions(kind):
     assert abs(lag1) < bound
 
 
-def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    """Spacing of bf16 values at |x| (8 significant bits)."""
-    e = torch.floor(torch.log2(x.abs().float().clamp_min(2.0**-126)))
-    return torch.pow(2.0, e - 7)
-
-
 def test_stochastic_rounding_within_one_ulp_and_unbiased():
     n, draws = 256, 1500
     base = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
@@ -101,53 +96,31 @@ def test_stochastic_rounding_within_one_ulp_and_unbiased():
     for r in range(draws):
         buf = base.clone()
         ops.apply_directions(buf, seeds, coefs, rounding="stochastic", rounding_seed=r, backend="reference")
-        assert ((buf.float() - exact).abs() <= _bf16_ulp(exact)).all()  # never more than one ulp
+        assert ((buf.float() - exact).abs() <= bf16_ulp(exact)).all()  # never more than one ulp
         total += buf.double()
     mean = total / draws
     # Each draw is one of two neighbours, so its std is at most ulp/2; the mean of `draws`
     # draws deviates from the exact value by at most 5 * ulp / (2 sqrt(draws)) (5 sigma).
-    bound = 5 * _bf16_ulp(exact).double() / (2 * math.sqrt(draws))
+    bound = 5 * bf16_ulp(exact).double() / (2 * math.sqrt(draws))
     assert ((mean - exact.double()).abs() <= bound).float().mean() > 0.999
     nearest = (base.float() + coefs[0] * ops.directions(17, 0, n)).to(torch.bfloat16)
     assert (nearest == base).float().mean() > 0.8  # nearest rounding loses most of this update
-
-
-def mezo_cycles(buf: torch.Tensor, seeds: list[int], eps: float) -> None:
-    """MeZO's schedule: +λz, -2λz, +λz per direction, three roundings each."""
-    for s in seeds:
-        for c in (eps, -2 * eps, eps):
-            ops.apply_directions(buf, torch.tensor([s]), torch.tensor([c]), backend="reference")
-
-
-def fused_cycles(buf: torch.Tensor, seeds: list[int], eps: float) -> None:
-    """Ours: +λz1, -2λz1, (+λz1 +λz2), ..., -2λzK, +λzK: 2K + 1 passes."""
-    prev = None
-    for s in seeds:
-        if prev is None:
-            ops.apply_directions(buf, torch.tensor([s]), torch.tensor([eps]), backend="reference")
-        else:
-            ops.apply_directions(buf, torch.tensor([prev, s]), torch.tensor([eps, eps]), backend="reference")
-        ops.apply_directions(buf, torch.tensor([s]), torch.tensor([-2 * eps]), backend="reference")
-        prev = s
-    ops.apply_directions(buf, torch.tensor([prev]), torch.tensor([eps]), backend="reference")
-
-
-def drift_in_ulps(schedule, n: int = 20_000, k: int = 16, eps: float = 1e-3) -> float:
-    theta0 = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
-    buf = theta0.clone()
-    schedule(buf, [stream.direction_seed(0, 0, j) for j in range(k)], eps)
-    return ((buf.float() - theta0.float()).abs() / _bf16_ulp(theta0.float())).mean().item()
 
 
 def test_bf16_drift_fused_schedule_vs_mezo():
     """Restore-and-perturb fused in one pass drifts no more than MeZO's three-pass cycle.
 
     Measured (n=20000, K=16, λ=1e-3, weights ~ N(0, 0.02²)): fused 2.42 ulp, MeZO 3.14 ulp
-    mean absolute drift; bench/kernels.py reports the same comparison.  Both drift because
-    λz is a few bf16 ulps and every pass rounds; ours rounds 2K+1 times instead of 3K.
+    mean absolute drift, through the engine's own passes (``dpzo_engine.drift``);
+    ``bench/kernels.py`` prints the same comparison. Both drift because λz is a few bf16 ulps
+    and every pass rounds; ours rounds 2K+1 times instead of 3K.
     """
-    ours, mezo = drift_in_ulps(fused_cycles), drift_in_ulps(mezo_cycles)
-    print(f"mean |drift| after 16 directions: fused {ours:.3f} ulp, MeZO {mezo:.3f} ulp")
+    d = bf16_drift(numel=20_000, directions=16, zo_eps=1e-3, backend="reference")
+    print(f"mean |drift| after 16 directions: fused {d['fused_mean_ulps']:.3f} ulp, MeZO {d['mezo_mean_ulps']:.3f} ulp")
+    assert (d["fused_passes"], d["mezo_passes"]) == (33, 48)
     # Rounding errors random-walk: expected ratio ~ sqrt((2K+1) / 3K) = 0.83 at K = 16.
-    assert ours < mezo
-    assert ours < 4.0  # mean absolute drift after 16 directions stays below four ulps
+    assert d["fused_mean_ulps"] < d["mezo_mean_ulps"]
+    assert d["fused_mean_ulps"] < 4.0  # mean absolute drift after 16 directions stays below four ulps
+    # The C++ kernels are bit-exact with the reference, so the drift they measure is the same.
+    on_cpu, on_reference = (bf16_drift(numel=4099, directions=16, backend=b) for b in ("cpu", "reference"))
+    assert {**on_cpu, "backend": "reference"} == on_reference
