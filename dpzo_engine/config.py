@@ -46,7 +46,7 @@ class TrainConfig:
     data_seed: int | None = None  # seed of the data splits (LM-BFF: 13, 21, 42, 87, 100); None: --seed
     max_new_tokens: int = 50  # causal-generation: greedy decoding budget when evaluating
     trainable: str = "head"
-    max_length: int = 48
+    max_length: int | None = None  # tokens per example; None: the task's (tweets 48, classification 128, SQuAD 512)
     dtype: str = "float32"
     device: str = "auto"
     backend: str = "auto"
@@ -158,7 +158,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_task_options(cfg)
     for name in ("steps", "max_length", "eval_batch_size", "log_every", "save_every"):
         v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
+        if (v is not None or name != "max_length") and (not isinstance(v, int) or v < 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if cfg.eval_every < 0:
         raise ConfigError("--eval-every must be >= 0 (0: evaluate only at the end)")
@@ -271,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--trainable",
         help=f"which parameters train: all, head, last:N, bias, layernorm, re:<regex>; comma-joined [{d.trainable}]",
     )
-    a("--max-length", type=int, help=f"tokens per example [{d.max_length}]")
+    a(
+        "--max-length",
+        type=int,
+        help="tokens per example; longer ones are truncated [the task's: tweets 48, "
+        "classification 128, BoolQ 384, SQuAD 512]",
+    )
     a("--dtype", help=f"parameter dtype: {', '.join(DTYPES)} [{d.dtype}]")
     a("--device", help="cpu, cuda, or auto [auto]")
     a("--backend", help=f"kernel backend: {', '.join(ops.BACKENDS)} [{d.backend}]")

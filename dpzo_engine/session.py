@@ -17,7 +17,7 @@ from . import privacy
 from .config import ConfigError, TrainConfig
 from .data import get_task
 from .flat import FlatParams
-from .heads import build_head, evaluate, resolve_head
+from .heads import build_head, count_at_length, evaluate, resolve_head
 from .methods import MeZORule, PrivateRule, Released
 from .models import load_model_and_tokenizer, model_kind, select_trainable
 from .prefix_cache import cached_prefix, frozen_prefix_length
@@ -128,10 +128,12 @@ class Session:
         if cfg.sample_rate is None and cfg.batch_size > n:
             raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
         self.sample_rate = cfg.sample_rate if cfg.sample_rate is not None else cfg.batch_size / n
+        self.max_length = cfg.max_length or self.task.max_length
         self.model, self.tokenizer, self.trainable, self.flat = build_model(cfg, self.task.num_labels, self.head_name)
         self.device = self.flat.device
         extra = {"max_new_tokens": cfg.max_new_tokens} if self.head_name == "causal-generation" else {}
         self.head = build_head(self.head_name, self.task, **extra)
+        self._note_truncation()
         self.cached_blocks = frozen_prefix_length(self.model)  # run once per step, not 2K times
         self.engine = self._build_engine()
         self.stages = build_stagewise(cfg, self.model, self.flat, self.engine)  # DP-ZOSO schedule, DP-ZOPO mask
@@ -147,6 +149,17 @@ class Session:
             self.untrained = self.evaluate("test")
             run.log_ledger(self._ledger_header())
             run.log_metrics({"step": 0, "split": "test", **self.untrained})
+
+    def _note_truncation(self) -> None:
+        """Say on stderr when --max-length cuts training examples (SQuAD contexts at 48 tokens would be
+        silently useless). Local only: the count is about private data and goes to no output file."""
+        full = count_at_length(self.head, self.task.train, self.tokenizer, self.max_length)
+        if full:
+            print(
+                f"note: {full} of {len(self.task.train)} training examples fill --max-length {self.max_length} "
+                "tokens and are truncated (or exactly that long); raise --max-length to keep them whole",
+                file=sys.stderr,
+            )
 
     # ------------------------------------------------------------------ privacy
     def _setup_privacy(self, n: int) -> None:
@@ -208,6 +221,7 @@ class Session:
             "released_count": self.n_hat if self.count_epsilon > 0 else None,
             "num_labels": self.task.num_labels,
             "head": self.head_name,
+            "max_length": self.max_length,
             "trainable": self.trainable,
             "trainable_numel": self.flat.numel,
             "cached_blocks": self.cached_blocks,
@@ -223,7 +237,7 @@ class Session:
         if not indices:
             return None
         examples = [self.task.train[i] for i in indices]
-        batch = self.head.collate(examples, self.tokenizer, self.cfg.max_length)
+        batch = self.head.collate(examples, self.tokenizer, self.max_length)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def build_step(self) -> ZOStep:
@@ -247,9 +261,7 @@ class Session:
         if self.cfg.max_eval_examples is not None:
             examples = examples[: self.cfg.max_eval_examples]
         with torch.no_grad():
-            return evaluate(
-                self.model, self.head, examples, self.tokenizer, self.cfg.eval_batch_size, self.cfg.max_length
-            )
+            return evaluate(self.model, self.head, examples, self.tokenizer, self.cfg.eval_batch_size, self.max_length)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, run: RunDir, step: int) -> None:
@@ -287,6 +299,7 @@ class Session:
             "method": self.cfg.method,
             "steps": self.cfg.steps,
             "head": self.head_name,
+            "max_length": self.max_length,
             "metric": self.head.primary_metric,
             "untrained_test": self.untrained,
             "final_test": final,

@@ -303,6 +303,7 @@ def test_real_tweet_sentiment_sizes_balance_disjoint(tweets):
     assert info["sizes"] == {"train": 2048, "dev": 256, "test": 1000}
     assert info["class_counts"] == {"train": [1024, 1024], "dev": [128, 128], "test": [500, 500]}
     assert tweets.label_names == ("negative", "positive")
+    assert tweets.max_length == 48  # the default --max-length of the embedded default
     assert_disjoint(tweets)
     assert len({key(e) for e in tweets.train}) == 2048  # deduplicated
     assert {e.label for e in tweets.train[:50]} == {0, 1}  # classes are interleaved

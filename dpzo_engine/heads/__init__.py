@@ -13,7 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..data import TaskData
-from .base import MODEL_INPUTS, Batch, ClassificationHead, HeadError, LossHead, model_inputs, move_batch
+from .base import (
+    MODEL_INPUTS,
+    Batch,
+    ClassificationHead,
+    HeadError,
+    LossHead,
+    count_at_length,
+    model_inputs,
+    move_batch,
+)
 from .causal_generation import CausalGenerationHead
 from .causal_prompt import CausalPromptHead
 from .evaluate import evaluate
@@ -83,6 +92,7 @@ __all__ = [
     "MaskedLMPromptHead",
     "SequenceClassificationHead",
     "build_head",
+    "count_at_length",
     "evaluate",
     "get_head",
     "model_inputs",

@@ -93,6 +93,20 @@ class ClassificationHead(LossHead):
         return {"accuracy": (preds == batch["labels"]).float(), "loss": losses.float()}
 
 
+def count_at_length(
+    head: LossHead, examples: Sequence[Example], tokenizer: Any, max_length: int, chunk: int = 256
+) -> int:
+    """How many examples fill all ``max_length`` tokens once collated: truncated, or exactly that long.
+
+    Tokenizes only (no forward). A count over private data: a local diagnostic, not released."""
+    full = 0
+    for start in range(0, len(examples), chunk):
+        mask = head.collate(examples[start : start + chunk], tokenizer, max_length)["attention_mask"]
+        lengths = mask.reshape(mask.shape[0], -1, mask.shape[-1]).sum(-1).amax(-1)  # causal prompt: [B, C, L]
+        full += int((lengths >= max_length).sum())
+    return full
+
+
 def labels_tensor(examples: Sequence[Example]) -> torch.Tensor:
     return torch.tensor([e.label for e in examples], dtype=torch.long)
 
