@@ -55,6 +55,23 @@ def bpe_tokenizer(style: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@functools.cache
+def sentencepiece_tokenizer():
+    """A Llama-2-style SentencePiece BPE (Metaspace "▁", prepended at the start of each text, byte
+    fallback, <s> first): the kind that puts a "▁" before every text it is given on its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)  # pieces within words
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS["llama"], show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)  # as Llama's converter
+    tok.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def tiny_lm(arch: str, head: str, seed: int = 0, **overrides):
     """A tiny random model of ``arch`` sized to the BPE tokenizer of the matching style."""
     style = {"roberta": "roberta", "bert": "roberta", "opt": "opt", "llama": "llama"}[arch]

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_fixtures import bpe_tokenizer, nli_examples, sentiment_examples, squad_examples, tiny_lm
+from lm_fixtures import (
+    bpe_tokenizer,
+    nli_examples,
+    sentencepiece_tokenizer,
+    sentiment_examples,
+    squad_examples,
+    tiny_lm,
+)
 
 from dpzo_engine.data import Example, Prompt, TaskData
 from dpzo_engine.data.prompts import CB, NLI3, RTE, SENTIMENT2, SQUAD, TREC, TemplateError, parse_template
@@ -81,10 +88,11 @@ def test_template_parsing_modifiers_and_causal_variants():
         Prompt(None, ("a", "b"), "{mask} then {text}")
 
 
-@pytest.mark.parametrize("style", ["roberta", "opt", "llama"])
+@pytest.mark.parametrize("style", ["roberta", "opt", "llama", "sentencepiece"])
 @pytest.mark.parametrize("prompt", [SENTIMENT2, NLI3, RTE, CB], ids=["sst2", "nli", "rte", "cb"])
 def test_piecewise_tokenization_matches_the_rendered_string(style, prompt):
-    tok = bpe_tokenizer(style)
+    # SentencePiece puts "▁" before every text it is given: pieces inside the prompt must not get one
+    tok = sentencepiece_tokenizer() if style == "sentencepiece" else bpe_tokenizer(style)
     examples = nli_examples() if "text_pair" in (prompt.causal() or "") else sentiment_examples()
     encoder = PromptEncoder(prompt.causal(), tok, closing_special=False)
     prefix, _ = special_framing(tok)

@@ -2,10 +2,14 @@
 
 Each literal and each field of a template is tokenized on its own and the ids concatenated: the
 slot ({mask} / {answer}) then has a known position, and truncation shortens only the example's
-fields (longest first), never the template, the label word or the answer. For byte-level BPE
-(RoBERTa, OPT, GPT-2, SmolLM2) and WordPiece (BERT) tokenizers this gives the same ids as
-tokenizing the rendered string, because templates split at word boundaries and a placeholder's
-leading spaces are tokenized with it (``data/prompts.py``).
+fields (longest first), never the template, the label word or the answer. This gives the same ids
+as tokenizing the rendered string, because templates split at word boundaries and a placeholder's
+leading spaces are tokenized with it (``data/prompts.py``), with one care: a piece that does not
+open the prompt is tokenized after a context (a newline, or else a special token such as </s>)
+whose ids are then dropped, not alone. SentencePiece tokenizers (Llama-2, Mistral: Metaspace) put
+a "▁" before the start of every text they are given, which inside a prompt (after a quote, a
+newline or a word) would be a spurious extra token. Byte-level BPE (RoBERTa, OPT, GPT-2,
+SmolLM2) and WordPiece (BERT) give the same ids either way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 from ..data import Example
 from ..data.prompts import Segment, apply_modifiers, parse_template
 from .base import HeadError
+
+NEWLINE = "\n"  # the first context tried: its own token(s) in BPE, SentencePiece and WordPiece vocabularies
 
 
 def special_framing(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -70,17 +76,35 @@ class PromptEncoder:
         self.before, self.slot, self.after = segments[:i], segments[i], segments[i + 1 :]
         self.prefix, suffix = special_framing(tokenizer)
         self.suffix = suffix if closing_special else []
-        literals = [s.value for s in segments if s.kind == "literal"]
-        ids = tokenizer(literals, add_special_tokens=False)["input_ids"] if literals else []
-        self._literal_ids = dict(zip(literals, ids))
+        self._initial = segments[0]  # the one piece tokenized alone, as at the start of a text
+        specials = [t for t in (tokenizer.eos_token, tokenizer.sep_token, tokenizer.unk_token) if isinstance(t, str)]
+        # a vocabulary may merge "\n" with what follows ("\nA"); a special token never merges
+        self._contexts = [(c, self._plain([c])[0]) for c in (NEWLINE, *specials[:1])]
+        self._literal_ids = {
+            s.value: self.tokens([s.value], initial=s is self._initial)[0] for s in segments if s.kind == "literal"
+        }
 
-    def tokens(self, texts: Sequence[str]) -> list[list[int]]:
+    def _plain(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def tokens(self, texts: Sequence[str], initial: bool = False) -> list[list[int]]:
+        """Ids of ``texts`` as they tokenize inside a prompt (``initial``: at its start)."""
+        if initial or not texts:
+            return self._plain(texts)
+        out: list[list[int] | None] = [None] * len(texts)
+        for context, context_ids in self._contexts:
+            todo = [i for i, ids in enumerate(out) if ids is None]
+            n = len(context_ids)
+            for i, ids in zip(todo, self._plain([context + texts[i] for i in todo])):
+                if ids[:n] == context_ids:  # the context tokenized on its own: what follows is the piece's
+                    out[i] = ids[n:]
+        return [self._plain([t])[0] if ids is None else ids for t, ids in zip(texts, out)]
 
     def encode(self, examples: Sequence[Example], max_length: int, reserve: Sequence[int]) -> list[EncodedPrompt]:
         """``reserve[i]``: tokens example i needs at the slot (1 for a mask, a label word, an answer)."""
-        fields = [[self._field(s, e) for s in (*self.before, *self.after) if s.kind == "field"] for e in examples]
-        flat = self.tokens([t for row in fields for t in row])
+        field_segments = [s for s in (*self.before, *self.after) if s.kind == "field"]
+        fields = [[self._field(s, e) for s in field_segments] for e in examples]
+        flat = self._field_tokens(fields, [s is self._initial for s in field_segments])
         fixed = (
             len(self.prefix)
             + len(self.suffix)
@@ -101,6 +125,17 @@ class PromptEncoder:
             before = self.prefix + self._join(self.before, parts)
             after = self._join(self.after, parts) + self.suffix
             out.append(EncodedPrompt(before, after))
+        return out
+
+    def _field_tokens(self, fields: list[list[str]], initial: list[bool]) -> list[list[int]]:
+        """Ids of every example's fields, row-major, each tokenized as where it stands in the template."""
+        flat_texts = [t for row in fields for t in row]
+        flags = [initial[j] for row in fields for j in range(len(row))]
+        out: list[list[int]] = [[] for _ in flat_texts]
+        for flag in (True, False):
+            where = [i for i, f in enumerate(flags) if f == flag]
+            for i, ids in zip(where, self.tokens([flat_texts[i] for i in where], initial=flag)):
+                out[i] = ids
         return out
 
     def _join(self, segments: Sequence[Segment], fields) -> list[int]:
