@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +161,16 @@ def prompt_batch(model: nn.Module, batch: int, length: int, masked_lm: bool, see
     if masked_lm:
         out["input_ids"][:, length - 2] = 3  # any fixed id: the cost does not depend on it
     return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def print_targets(targets: list[dict], fmt: Callable[[Any], str]) -> None:
+    """One line per target: [PASS] / [FAIL] / [n/a ] (not measurable on this device), the figure, the rule."""
+    for t in targets:
+        flag = "n/a " if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
+        print(f"  [{flag}] {t['name']}: {fmt(t['measured'])} ({t['rule']})")
 
 
 # ----------------------------------------------------------------------------- naming

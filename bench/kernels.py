@@ -468,9 +468,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("\ntargets:")
-    for t in targets:
-        flag = "n/a " if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
-        print(f"  [{flag}] {t['name']}: {fmt(t['measured'])} ({t['rule']})")
+    common.print_targets(targets, fmt)
     print(f"wrote {out} ({info['seconds']} s)")
     return report
 

@@ -472,10 +472,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         key, ylabel = "peak_bytes", "peak GPU memory of a training step (GiB, log scale)"
     bar_chart(rows, methods, out.with_suffix(".png"), title, capacity, key, ylabel)
     print("\n" + table)
-    for t in targets:
-        flag = "n/a " if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
-        m = t["measured"]
-        print(f"  [{flag}] {t['name']}: {m if not isinstance(m, float) else f'{m:.3f}'} ({t['rule']})")
+    common.print_targets(targets, lambda m: f"{m:.3f}" if isinstance(m, float) else str(m))
     print(f"wrote {out} (+ .md, .png) in {info['seconds']} s")
     return report
 

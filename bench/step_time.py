@@ -322,10 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not gpu:
         print("CPU run: the code path is checked; the targets are GPU ratios (to be measured on a GPU)")
     print("\ntargets:")
-    for t in targets:
-        flag = "n/a " if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
-        m = t["measured"]
-        print(f"  [{flag}] {t['name']}: {'-' if m is None else f'{m:.3f}'} ({t['rule']})")
+    common.print_targets(targets, lambda m: "-" if m is None else f"{m:.3f}")
     print(f"wrote {out} ({report['seconds']} s)")
     return report
 
