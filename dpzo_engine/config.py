@@ -158,7 +158,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_task_options(cfg)
     for name in ("steps", "max_length", "eval_batch_size", "log_every", "save_every"):
         v = getattr(cfg, name)
-        if (v is not None or name != "max_length") and (not isinstance(v, int) or v < 1):
+        if v is None and name == "max_length":
+            continue  # the task's length
+        if not isinstance(v, int) or v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if cfg.eval_every < 0:
         raise ConfigError("--eval-every must be >= 0 (0: evaluate only at the end)")

@@ -77,9 +77,9 @@ class PromptEncoder:
         self.prefix, suffix = special_framing(tokenizer)
         self.suffix = suffix if closing_special else []
         self._initial = segments[0]  # the one piece tokenized alone, as at the start of a text
-        specials = [t for t in (tokenizer.eos_token, tokenizer.sep_token, tokenizer.unk_token) if isinstance(t, str)]
+        special = next((t for t in (tokenizer.eos_token, tokenizer.sep_token, tokenizer.unk_token) if t), None)
         # a vocabulary may merge "\n" with what follows ("\nA"); a special token never merges
-        self._contexts = [(c, self._plain([c])[0]) for c in (NEWLINE, *specials[:1])]
+        self._contexts = [(c, self._plain([c])[0]) for c in (NEWLINE, special) if c]
         self._literal_ids = {
             s.value: self.tokens([s.value], initial=s is self._initial)[0] for s in segments if s.kind == "literal"
         }
@@ -103,17 +103,17 @@ class PromptEncoder:
     def encode(self, examples: Sequence[Example], max_length: int, reserve: Sequence[int]) -> list[EncodedPrompt]:
         """``reserve[i]``: tokens example i needs at the slot (1 for a mask, a label word, an answer)."""
         field_segments = [s for s in (*self.before, *self.after) if s.kind == "field"]
-        fields = [[self._field(s, e) for s in field_segments] for e in examples]
-        flat = self._field_tokens(fields, [s is self._initial for s in field_segments])
+        columns = [  # one field of every example per call, tokenized as where it stands in the template
+            self.tokens([self._field(s, e) for e in examples], initial=s is self._initial) for s in field_segments
+        ]
         fixed = (
             len(self.prefix)
             + len(self.suffix)
             + sum(len(self._literal_ids[s.value]) for s in (*self.before, *self.after) if s.kind == "literal")
         )
-        out, k = [], 0
-        for row, extra in zip(fields, reserve):
-            field_ids = flat[k : k + len(row)]
-            k += len(row)
+        out = []
+        for i, extra in enumerate(reserve):
+            field_ids = [column[i] for column in columns]
             budget = max_length - fixed - extra
             if budget < 0:
                 raise HeadError(
@@ -125,17 +125,6 @@ class PromptEncoder:
             before = self.prefix + self._join(self.before, parts)
             after = self._join(self.after, parts) + self.suffix
             out.append(EncodedPrompt(before, after))
-        return out
-
-    def _field_tokens(self, fields: list[list[str]], initial: list[bool]) -> list[list[int]]:
-        """Ids of every example's fields, row-major, each tokenized as where it stands in the template."""
-        flat_texts = [t for row in fields for t in row]
-        flags = [initial[j] for row in fields for j in range(len(row))]
-        out: list[list[int]] = [[] for _ in flat_texts]
-        for flag in (True, False):
-            where = [i for i, f in enumerate(flags) if f == flag]
-            for i, ids in zip(where, self.tokens([flat_texts[i] for i in where], initial=flag)):
-                out[i] = ids
         return out
 
     def _join(self, segments: Sequence[Segment], fields) -> list[int]:
