@@ -5,21 +5,15 @@ The C++ CPU kernels in csrc/ are JIT-built on first use with ninja
 user already has; the Triton kernels in kernels/ install as ``dpzo_triton``.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="dpzo-engine",
     version="0.1.0",
     description="Differentially private zeroth-order fine-tuning of language models at inference memory",
     python_requires=">=3.10",
-    packages=[
-        "dpzo_engine",
-        "dpzo_engine.ops",
-        "dpzo_engine.privacy",
-        "dpzo_engine.data",
-        "dpzo_triton",
-        "dpzo_csrc",
-    ],
+    # every dpzo_engine subpackage, found (a hand-written list once left one out of the wheel)
+    packages=[*find_packages(include=["dpzo_engine", "dpzo_engine.*"]), "dpzo_triton", "dpzo_csrc"],
     package_dir={"dpzo_triton": "kernels", "dpzo_csrc": "csrc"},
     package_data={"dpzo_csrc": ["*.cpp", "*.h"]},
     install_requires=[

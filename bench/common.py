@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpzo_engine.models import build_random_model
+from dpzo_engine.models.loading import build_random_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GIB = 1 << 30
 
-# name -> (architecture, size in dpzo_engine.models.SIZES); the last three are for smoke runs only
+# name -> (architecture, size in dpzo_engine.models.loading.SIZES); the last three are for smoke runs only
 MODELS = {
     "opt-125m": ("opt", "125m"),
     "opt-350m": ("opt", "350m"),

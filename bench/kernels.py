@@ -10,7 +10,7 @@ Targets are ratios measured in one run on one machine (DESIGN section 8), never 
 * CPU: the C++ kernels against the PyTorch reference in elements/s (>= 20x), with the torch
   copy bandwidth as context.
 * Both: bf16 drift of one step's perturb/restore passes, ours fused (2K+1 roundings) against
-  MeZO's +λ/−2λ/+λ (3K), through the engine's own passes (``dpzo_engine.drift``).
+  MeZO's +λ/−2λ/+λ (3K), through the engine's own passes (``dpzo_engine.zo.drift``).
 
 Uses only the public ``dpzo_engine.ops`` API.  Writes ``bench/results/kernels_<device>.json``
 and prints a table.  ``python bench/kernels.py [--device cuda|cpu] [--sizes 1e8,2e9] [--quick]``
@@ -31,8 +31,9 @@ from pathlib import Path
 import common
 import torch
 
-from dpzo_engine import ops, stream
-from dpzo_engine.drift import bf16_drift
+from dpzo_engine import ops
+from dpzo_engine.core import stream
+from dpzo_engine.zo.drift import bf16_drift
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MASTER_SEED = 1234  # public direction seeds, as the trainer derives them

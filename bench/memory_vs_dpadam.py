@@ -43,11 +43,12 @@ from pathlib import Path
 import common
 import torch
 
-from dpzo_engine import privacy, stream
-from dpzo_engine.flat import FlatParams
+from dpzo_engine import privacy
+from dpzo_engine.core import stream
+from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.heads import SequenceClassificationHead
-from dpzo_engine.methods import MeZORule, PrivateRule
-from dpzo_engine.zo import ZOEngine
+from dpzo_engine.zo.engine import ZOEngine
+from dpzo_engine.zo.rules import MeZORule, PrivateRule
 
 GPU_MODELS = ["opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "roberta-large"]
 CPU_MODELS = ["opt-125m", "opt-350m"]  # the two smallest
@@ -77,7 +78,7 @@ DESCRIPTIONS = {
     "mezo": "fused engine, K = 1, batch-mean rule, central differences",
     "dpzero": "fused engine, K = 1, per-example clip + Gaussian noise",
     "dp-aggzo-k*": "fused engine, K directions, joint K-space clip + noise, central differences",
-    "dp-zopo": "fused engine, K = 1 private step with a data-free mask (1% kept, static; dpzo_engine.pruning)",
+    "dp-zopo": "fused engine, K = 1 private step with a data-free mask (1% kept, static; dpzo_engine.zo.pruning)",
     "dp-adamw": "Opacus per-example clipping (mode in each cell), AdamW with fp32 master weights and moments",
     "dp-adamw-bf16": "as dp-adamw, but weights, gradients and AdamW moments all bf16 (a lower bound)",
     "adamw": "non-private AdamW, fp32 master weights and moments",
@@ -100,7 +101,7 @@ def _zo_step(model, flat: FlatParams, loss, batch, method: str, device: torch.de
     k = int(method.removeprefix("dp-aggzo-k")) if method.startswith("dp-aggzo-k") else 1
     masks = None
     if method == "dp-zopo":
-        from dpzo_engine import pruning
+        from dpzo_engine.zo import pruning
 
         policy = pruning.MaskPolicy(model, flat, master_seed=MASTER_SEED)
         _reset_peak(device)
@@ -132,7 +133,7 @@ def _zo_step(model, flat: FlatParams, loss, batch, method: str, device: torch.de
 
 
 def _first_order_step(model, loss, batch, method: str, device: torch.device, info: dict) -> Callable:
-    from dpzo_engine.first_order import FirstOrderTrainer
+    from dpzo_engine.run.first_order import FirstOrderTrainer
 
     trainer = FirstOrderTrainer(model, loss, lr=LR, master_weights=False if method == "dp-adamw-bf16" else None)
     if method != "adamw":

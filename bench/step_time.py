@@ -42,10 +42,11 @@ import common
 import torch
 from torch import nn
 
-from dpzo_engine import privacy, stream
-from dpzo_engine.flat import FlatParams
-from dpzo_engine.methods import PrivateRule
-from dpzo_engine.zo import ZOEngine
+from dpzo_engine import privacy
+from dpzo_engine.core import stream
+from dpzo_engine.core.flat import FlatParams
+from dpzo_engine.zo.engine import ZOEngine
+from dpzo_engine.zo.rules import PrivateRule
 
 GPU_MODELS, CPU_MODELS, QUICK_MODELS = ["opt-1.3b", "roberta-large"], ["opt-125m"], ["opt-small"]
 GPU_DIRECTIONS, CPU_DIRECTIONS, QUICK_DIRECTIONS = (16, 64), (2, 4), (2,)

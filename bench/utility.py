@@ -52,17 +52,13 @@ import torch
 from torch import nn
 
 from dpzo_engine import privacy
+from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.data import Example, TaskData, get_task
-from dpzo_engine.flat import FlatParams
 from dpzo_engine.heads import ClassificationHead, build_head, move_batch, resolve_head
-from dpzo_engine.methods import MeZORule, PrivateRule
-from dpzo_engine.models import _layer_stack, load_model_and_tokenizer, model_kind, select_trainable
-from dpzo_engine.prefix_cache import frozen_prefix_length
-from dpzo_engine.pruning import MaskPolicy
-from dpzo_engine.schedules import StageSchedule
-from dpzo_engine.stagewise import Stagewise
-from dpzo_engine.step import ZOStep
-from dpzo_engine.zo import ZOEngine
+from dpzo_engine.models.loading import _layer_stack, load_model_and_tokenizer, model_kind, select_trainable
+from dpzo_engine.models.prefix_cache import frozen_prefix_length
+from dpzo_engine.zo.private_zo import PrivateZO, ZOOptions
+from dpzo_engine.zo.stagewise import StageOptions
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DELTA = 1e-5
@@ -257,52 +253,56 @@ def train_once(
     s.flat.load_buffers(s.start)
     train = s.task.train
     q = batch_size / len(train)
-    generator = privacy.secret_generator()  # sampling and noise: OS entropy, never the public seed
-    sampler = privacy.PoissonSampler(len(train), q, generator)
-    engine = ZOEngine(s.flat, "gaussian", "auto", "central")
-    masks = None
-    if method.keep_fraction is not None:  # DP-ZOPO: data-free, from public seeds (no ε)
-        masks = MaskPolicy(s.model, s.flat, master_seed=seed, keep_fraction=method.keep_fraction)
-    stagewise = Stagewise(StageSchedule(steps, method.stages, lr, ZO_EPS), engine, masks=masks)  # constant if S = 1
-    sigma = noise_multiplier(epsilon, q, steps) if method.private else 0.0
-    if method.private:
-        assert epsilon is not None and clip is not None
-        mechanism = privacy.GaussianMechanism(sigma, clip, method.K, "joint", generator=generator)
-        rule = PrivateRule(mechanism, q * len(train), backend=engine.backend)
-        accountant = privacy.PrivacyAccountant(sigma, q, DELTA, max_steps=steps, update_every=steps)
-    else:
-        rule = MeZORule()
-    clipped: list[float] = []
-    take_step = ZOStep(  # the trainer's step (dpzo_engine/step.py) on the replayed features
-        engine=engine,
-        rule=rule,
-        sampler=sampler,
-        stages=stagewise,
-        per_example_loss=lambda batch: s.head.per_example_loss(s.model, batch),
-        collate=lambda idx: move_batch(
-            s.head.collate([train[i] for i in idx], s.tokenizer, s.max_length), s.flat.device
-        ),
-        forwards=lambda idx: s.features.replay("train", idx),
-        master_seed=seed,
-        num_directions=method.K,
-        rounding="stochastic" if s.flat.buffers[0].dtype == torch.bfloat16 else "nearest",  # the trainer's auto
+    private = method.private
+    sigma = noise_multiplier(epsilon, q, steps) if private else 0.0
+    plan = privacy.PrivacyPlan.create(  # secret generator (OS entropy), Poisson sampler, accountant
+        len(train),
+        steps=steps,
+        sample_rate=q,
+        epsilon=epsilon if private else None,
+        delta=DELTA,
+        update_every=steps,
+        noise_multiplier=sigma if private else None,
     )
+    stages = StageOptions(  # DP-ZOSO / DP-ZOPO: lr halves at each boundary; the mask is data-free (no ε)
+        steps, lr, ZO_EPS, seed=seed, stages=method.stages, mask=method.keep_fraction is not None,
+        keep_fraction=method.keep_fraction or 0.01,
+    )  # fmt: skip
+    options = ZOOptions(
+        method="dp-aggzo" if private else "mezo",
+        num_directions=method.K,
+        lr=lr,
+        zo_eps=ZO_EPS,
+        clip=clip if private else 1.0,
+        seed=seed,
+        rounding="stochastic" if s.flat.buffers[0].dtype == torch.bfloat16 else "nearest",  # the trainer's auto
+        stages=stages,
+    )
+    zo = PrivateZO(s.model, plan, options, steps, flat=s.flat)  # the trainer's API, on the replayed features
+
+    def loss_fn(idx: list[int]):
+        if not idx:
+            return None
+        batch = move_batch(s.head.collate([train[i] for i in idx], s.tokenizer, s.max_length), s.flat.device)
+        return lambda: s.head.per_example_loss(s.model, batch)
+
+    clipped: list[float] = []
     t0 = time.perf_counter()
-    for step in range(steps):
-        rec = take_step(step)
-        if method.private:
-            accountant.step()
+    for _ in range(steps):
+        idx = zo.sample()
+        rec = zo.step(loss_fn(idx), forwards=s.features.replay("train", idx))
+        if private:
             clipped.append(rec.released.fraction_clipped)
     seconds = time.perf_counter() - t0
     finite = all(bool(torch.isfinite(b).all()) for b in s.flat.buffers)  # a diverged point scores NaN
     return {
         "dev": scores(s, "dev") if finite else {"accuracy": float("nan"), "loss": float("nan")},
         "test": scores(s, "test") if finite else {"accuracy": float("nan"), "loss": float("nan")},
-        "forwards": engine.counter.forwards,
-        "passes": engine.counter.passes,
+        "forwards": zo.engine.counter.forwards,
+        "passes": zo.engine.counter.passes,
         "train_seconds": round(seconds, 2),
         "noise_multiplier": sigma,
-        "epsilon_spent": accountant.epsilon() if method.private else None,
+        "epsilon_spent": zo.epsilon(),
         "fraction_clipped": statistics.fmean(clipped) if clipped else None,
     }
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import FIRST_ORDER_METHODS, ConfigError, TrainConfig
-from .errors import UserError, report
-from .run_dir import RunDir, read_jsonl
-from .session import build_model, fingerprint, save_model
-from .stagewise import build_stagewise
-from .zo import ZOEngine
+from .core.errors import ConfigError, UserError, report
+from .run.config import FIRST_ORDER_METHODS, TrainConfig
+from .run.run_dir import RunDir, read_jsonl
+from .run.session import build_model, fingerprint, save_model
+from .zo.engine import ZOEngine
+from .zo.stagewise import build_stagewise
+from .zo.step import replay_step
 
 
 def replay(run_dir: str | Path, backend: str | None = None):
@@ -39,16 +40,12 @@ def replay(run_dir: str | Path, backend: str | None = None):
     if fingerprint(flat) != header["initial_sha256"]:
         raise ConfigError("the base model differs from the one this run started from (initial_sha256 mismatch)")
     engine = ZOEngine(flat, header["direction_kind"], backend or header["backend"], header["difference"])
-    stages = build_stagewise(cfg, model, flat, engine)
+    stages = build_stagewise(cfg.stage_options(), model, flat, engine)
     events = {r["step"]: r for r in read_jsonl(run.ledger_path) if r.get("type") == "stage"}
-    with torch.no_grad():
-        for row in steps:
-            step = row["step"] - 1
-            if stages.boundary(step):  # recompute the data-free mask on the replayed weights
-                _check_stage(stages.enter_stage(step), events.get(row["step"]))
-            engine.estimate(None, row["seeds"], row["zo_eps"])  # the same passes, no forwards
-            engine.finish(row["seeds"], row["zo_eps"], row["coefs"], header["rounding"], row["rounding_seed"])
-            stages.after_update(step, row["lr"])
+    for row in steps:
+        event = replay_step(engine, stages, row, header["rounding"])
+        if event is not None:  # a recomputed data-free mask must match the ledger's
+            _check_stage(event, events.get(row["step"]))
     return model, tokenizer, flat, len(steps)
 
 

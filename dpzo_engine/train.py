@@ -1,8 +1,9 @@
 """``python -m dpzo_engine.train``: differentially private zeroth-order fine-tuning.
 
 With no arguments it runs the embedded default (MiniLM-L6 on real tweet sentiment,
-DP-AggZO at ε = 2, δ = 1e-5).  The loop below is the whole algorithm of DESIGN
-section 5; set-up lives in ``session.py``, privacy in ``privacy/``, kernels in ``ops``.
+DP-AggZO at ε = 2, δ = 1e-5).  The loop below is the whole algorithm of
+docs/design.md section 5, driven through the Python API (``PrivateZO``: sample, step, ε); set-up
+lives in ``run/session.py``, privacy in ``privacy/``, the step in ``zo/``, kernels in ``ops``.
 """
 
 from __future__ import annotations
@@ -12,22 +13,22 @@ import time
 
 from tqdm import tqdm
 
-from .config import FIRST_ORDER_METHODS, TrainConfig, parse_args
-from .errors import UserError, report
-from .run_dir import RunDir
-from .session import Session
+from .core.errors import UserError, report
+from .run.config import FIRST_ORDER_METHODS, TrainConfig, parse_args
+from .run.run_dir import RunDir
+from .run.session import Session
 
 
 def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
     bar = tqdm(range(s.start_step, cfg.steps), initial=s.start_step, total=cfg.steps, desc="train", unit="step")
-    take_step = s.build_step()  # sample (secret), estimate, clip + noise, fused update: step.py
+    zo = s.zo
     t0 = time.time()
     for step in bar:
-        rec = take_step(step)
+        idx = zo.sample()  # Poisson batch from the secret generator
+        rec = zo.step(s.loss_fn(idx), forwards=s.forwards())  # estimate, clip + noise, fused update
         if rec.stage_row is not None:  # DP-ZOSO/ZOPO: new stage, data-free mask and anchor (public, no ε)
             run.log_ledger(rec.stage_row)
-        s.accountant.step()
-        eps = s.accountant.epsilon() if cfg.private else None
+        eps = zo.epsilon()
         run.log_ledger(rec.ledger_row(eps))
         s.loss_meter.update(rec.loss, rec.released)
         done = step + 1
@@ -44,7 +45,7 @@ def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
 def method_entry(cfg: TrainConfig):
     """(session class, training loop) of ``cfg.method``: this ZO loop, or DP-AdamW / AdamW (first_order)."""
     if cfg.method in FIRST_ORDER_METHODS:
-        from . import first_order  # imports Opacus: only when asked for
+        from .run import first_order  # imports Opacus: only when asked for
 
         return first_order.FirstOrderSession, first_order.train
     return Session, train

@@ -1,11 +1,11 @@
-"""The direction stream as @triton.jit helpers (DESIGN section 2; spec: ``dpzo_engine.stream``).
+"""The direction stream as @triton.jit helpers (DESIGN section 2; spec: ``dpzo_engine.core.stream``).
 
 Everything works on *quads*: one Philox4x32-10 call at int64 counter ``q`` yields the four
 stream elements ``4q .. 4q+3``.  Kernels compute per-quad vectors of length BLOCK/4 and
 ``interleave4`` them into element order once, so the Box-Muller work is done once per quad.
 
 * Philox is ``tl.randint4x(seed, q)`` with an int64 ``q``: key = (seed lo, seed hi),
-  counter = (q lo, q hi, 0, 0), exactly ``dpzo_engine.stream.philox4x32_10``.
+  counter = (q lo, q hi, 0, 0), exactly ``dpzo_engine.core.stream.philox4x32_10``.
 * Box-Muller uses Triton's fp32 ``log``/``sqrt``/``cos``/``sin`` (libdevice on GPU, numpy
   float32 under the interpreter): a few ulp from the correctly rounded reference, well
   inside the contract's absolute 1e-5.

@@ -49,7 +49,7 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
     tokenizer, and train / dev / test CSV splits of 96 / 16 / 32 examples (``--task local``)."""
     from transformers import AutoTokenizer
 
-    from dpzo_engine.models import build_random_model, minilm_dir
+    from dpzo_engine.models.loading import build_random_model, minilm_dir
 
     root = tmp_path_factory.mktemp("assets")
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 
 from dpzo_engine.data import Example
-from dpzo_engine.models import build_random_model
+from dpzo_engine.models.loading import build_random_model
 
 CORPUS = [
     "It was great. It was terrible. It was okay. The movie was great fun and the plot was terrible.",

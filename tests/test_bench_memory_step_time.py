@@ -31,7 +31,7 @@ def load(name: str):
 
 def test_opt_350m_is_facebook_opt_350m():
     """models.SIZES["opt"]["350m"]: 512-wide embeddings with project_in/out, post-LayerNorm blocks."""
-    from dpzo_engine.models import build_random_model
+    from dpzo_engine.models.loading import build_random_model
 
     model = build_random_model("opt", "350m", device="meta", head="causal-generation")
     decoder = model.model.decoder

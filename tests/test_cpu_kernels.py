@@ -16,7 +16,8 @@ import os
 import pytest
 import torch
 
-from dpzo_engine import ops, stream
+from dpzo_engine import ops
+from dpzo_engine.core import stream
 from dpzo_engine.ops import BackendUnavailable
 
 try:

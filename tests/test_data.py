@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from dpzo_engine.core.errors import UserError
 from dpzo_engine.data import DataError, Example, TaskData, get_task, list_tasks
 from dpzo_engine.data import tasks as tasks_mod
 from dpzo_engine.data.loaders import read_table
-from dpzo_engine.errors import UserError
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:

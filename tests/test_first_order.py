@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpzo_engine import privacy
-from dpzo_engine.first_order import (
+from dpzo_engine.heads import SequenceClassificationHead
+from dpzo_engine.models.loading import build_random_model, random_batch, random_config
+from dpzo_engine.run.first_order import (
     HALF_PRECISION_CLIP_MARGIN,
     FirstOrderTrainer,
     MasterWeightAdamW,
@@ -24,8 +26,6 @@ from dpzo_engine.first_order import (
     choose_opacus_mode,
     tied_parameters,
 )
-from dpzo_engine.heads import SequenceClassificationHead
-from dpzo_engine.models import build_random_model, random_batch, random_config
 from dpzo_engine.train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
@@ -153,7 +153,7 @@ def test_prompt_heads_are_clipped_per_example(arch, head_name, trainable):
 
     from dpzo_engine.data.prompts import SENTIMENT2
     from dpzo_engine.heads import CausalPromptHead, MaskedLMPromptHead
-    from dpzo_engine.models import select_trainable
+    from dpzo_engine.models.loading import select_trainable
 
     model, tok = tiny_lm(arch, head_name, **NO_DROPOUT)
     select_trainable(model, trainable)

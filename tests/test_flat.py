@@ -8,7 +8,7 @@ from torch import nn
 from transformers import OPTConfig, OPTForCausalLM, RobertaConfig, RobertaForMaskedLM
 
 from dpzo_engine import ops
-from dpzo_engine.flat import FlatParams
+from dpzo_engine.core.flat import FlatParams
 
 
 def tiny_opt() -> nn.Module:

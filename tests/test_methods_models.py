@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from dpzo_engine import stream
-from dpzo_engine.flat import FlatParams
+from dpzo_engine.core import stream
+from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.heads import SequenceClassificationHead
-from dpzo_engine.methods import MeZORule, PrivateRule
-from dpzo_engine.models import build_random_model, random_batch
+from dpzo_engine.models.loading import build_random_model, random_batch
 from dpzo_engine.privacy import GaussianMechanism
-from dpzo_engine.zo import ZOEngine
+from dpzo_engine.zo.engine import ZOEngine
+from dpzo_engine.zo.rules import MeZORule, PrivateRule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

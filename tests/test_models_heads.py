@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-from dpzo_engine import models
+from dpzo_engine.core.errors import UserError
 from dpzo_engine.data import Example
-from dpzo_engine.errors import UserError
 from dpzo_engine.heads import SequenceClassificationHead, evaluate, get_head, model_inputs
-from dpzo_engine.models import (
+from dpzo_engine.models import loading as models
+from dpzo_engine.models.loading import (
     ModelError,
     build_random_model,
     load_model_and_tokenizer,

@@ -13,10 +13,10 @@ import torch
 from lm_fixtures import tiny_lm
 from test_paper_tasks import boolq_records, jsonl, squad_rows, sst2_rows, write
 
-from dpzo_engine import smollm2
 from dpzo_engine.data import get_task
 from dpzo_engine.heads import CausalPromptHead, build_head, resolve_head
-from dpzo_engine.models import ModelError, build_random_model, load_model_and_tokenizer, model_kind
+from dpzo_engine.models import smollm2
+from dpzo_engine.models.loading import ModelError, build_random_model, load_model_and_tokenizer, model_kind
 from dpzo_engine.replay import main as replay_main
 from dpzo_engine.train import main as train_main
 
@@ -60,7 +60,7 @@ def test_prompt_head_refuses_a_model_without_pretrained_lm_head(saved):
 
 
 def test_trainable_head_of_a_tied_lm_says_what_to_use():
-    from dpzo_engine.models import select_trainable
+    from dpzo_engine.models.loading import select_trainable
 
     model = build_random_model("llama", head="causal-prompt", tie_word_embeddings=True)
     with pytest.raises(ModelError, match=r"selects no parameters of LlamaForCausalLM; a tied LM head .* use last:N"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpzo_engine import stream
-from dpzo_engine.flat import FlatParams
+from dpzo_engine.core import stream
+from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.heads import SequenceClassificationHead
-from dpzo_engine.models import build_random_model, random_batch, select_trainable
-from dpzo_engine.prefix_cache import cached_prefix, frozen_prefix_length
-from dpzo_engine.zo import ZOEngine
+from dpzo_engine.models.loading import build_random_model, random_batch, select_trainable
+from dpzo_engine.models.prefix_cache import cached_prefix, frozen_prefix_length
+from dpzo_engine.zo.engine import ZOEngine
 
 ARCHS = ["bert", "roberta", "opt", "llama"]
 

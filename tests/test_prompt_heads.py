@@ -111,7 +111,7 @@ def test_piecewise_tokenization_matches_the_rendered_string(style, prompt):
 def test_wordpiece_tokenization_matches_too():
     from transformers import AutoTokenizer
 
-    from dpzo_engine.models import minilm_dir
+    from dpzo_engine.models.loading import minilm_dir
 
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     encoder = PromptEncoder(NLI3.template, tok)

@@ -8,14 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from dpzo_engine import ops, stream
-from dpzo_engine.config import ConfigError
-from dpzo_engine.flat import FlatParams
+from dpzo_engine import ops
+from dpzo_engine.core import stream
+from dpzo_engine.core.errors import ConfigError
+from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.heads import SequenceClassificationHead
-from dpzo_engine.methods import MeZORule
-from dpzo_engine.models import build_random_model, random_batch, select_trainable
-from dpzo_engine.prefix_cache import cached_prefix, frozen_prefix_length
-from dpzo_engine.pruning import (
+from dpzo_engine.models.loading import build_random_model, random_batch, select_trainable
+from dpzo_engine.models.prefix_cache import cached_prefix, frozen_prefix_length
+from dpzo_engine.zo.engine import ZOEngine
+from dpzo_engine.zo.pruning import (
     SENTINEL,
     Classifier,
     MaskPolicy,
@@ -31,7 +32,7 @@ from dpzo_engine.pruning import (
     select_boundaries,
     unpack_bits,
 )
-from dpzo_engine.zo import ZOEngine
+from dpzo_engine.zo.rules import MeZORule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 

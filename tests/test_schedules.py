@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from dpzo_engine.config import ConfigError
-from dpzo_engine.schedules import StageSchedule
+from dpzo_engine.core.errors import ConfigError
+from dpzo_engine.zo.schedules import StageSchedule
 
 
 def test_stages_double_and_cover_all_steps():

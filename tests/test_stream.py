@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy import stats
 
-from dpzo_engine import ops, stream
-from dpzo_engine.drift import bf16_drift, bf16_ulp
+from dpzo_engine import ops
+from dpzo_engine.core import stream
+from dpzo_engine.zo.drift import bf16_drift, bf16_ulp
 
 N_STATS = 400_000  # reference generates ~2M values/s on 2 cores
 
@@ -111,7 +112,7 @@ def test_bf16_drift_fused_schedule_vs_mezo():
     """Restore-and-perturb fused in one pass drifts no more than MeZO's three-pass cycle.
 
     Measured (n=20000, K=16, λ=1e-3, weights ~ N(0, 0.02²)): fused 2.42 ulp, MeZO 3.14 ulp
-    mean absolute drift, through the engine's own passes (``dpzo_engine.drift``);
+    mean absolute drift, through the engine's own passes (``dpzo_engine.zo.drift``);
     ``bench/kernels.py`` prints the same comparison. Both drift because λz is a few bf16 ulps
     and every pass rounds; ours rounds 2K+1 times instead of 3K.
     """

@@ -190,8 +190,8 @@ def test_subprocess_error_has_no_traceback(assets, tmp_path):
 
 
 def test_torn_last_log_line_is_dropped_and_corruption_elsewhere_is_reported(tmp_path):
-    from dpzo_engine.config import ConfigError
-    from dpzo_engine.run_dir import read_jsonl
+    from dpzo_engine.core.errors import ConfigError
+    from dpzo_engine.run.run_dir import read_jsonl
 
     log = tmp_path / "ledger.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "se')

@@ -28,7 +28,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from dpzo_engine import ops, stream
+from dpzo_engine import ops
+from dpzo_engine.core import stream
 
 # The interpreter runs on numpy, which warns where IEEE arithmetic overflows to inf on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

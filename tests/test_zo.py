@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from dpzo_engine import ops, stream
-from dpzo_engine.flat import FlatParams
-from dpzo_engine.methods import MeZORule, PrivateRule
+from dpzo_engine import ops
+from dpzo_engine.core import stream
+from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.privacy import GaussianMechanism
-from dpzo_engine.zo import ZOEngine
+from dpzo_engine.zo.engine import ZOEngine
+from dpzo_engine.zo.rules import MeZORule, PrivateRule
 
 
 def regression_problem(d: int = 8, n: int = 64, seed: int = 0):

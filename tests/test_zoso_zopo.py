@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dpzo_engine import ops
-from dpzo_engine.flat import FlatParams
-from dpzo_engine.pruning import Mask
+from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.replay import main as replay_main
-from dpzo_engine.session import Session
-from dpzo_engine.stagewise import ProximalAnchor
+from dpzo_engine.run.session import Session
 from dpzo_engine.train import main as train_main
+from dpzo_engine.zo.pruning import Mask
+from dpzo_engine.zo.stagewise import ProximalAnchor
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
@@ -137,15 +137,15 @@ def test_dp_zopo_trains_only_the_masked_weights(assets, tmp_path):
     out = tmp_path / "static"
     flags = ("--method", "dp-zopo", "--keep-fraction", "0.02", "--prune-queries", "4")
     assert train_main(args(assets, out, *flags)) == 0
-    from dpzo_engine.config import TrainConfig
-    from dpzo_engine.session import build_model
-    from dpzo_engine.stagewise import build_stagewise
-    from dpzo_engine.zo import ZOEngine
+    from dpzo_engine.run.config import TrainConfig
+    from dpzo_engine.run.session import build_model
+    from dpzo_engine.zo.engine import ZOEngine
+    from dpzo_engine.zo.stagewise import build_stagewise
 
     cfg = TrainConfig(**json.loads((out / "config.json").read_text()))
     model, _, _, flat = build_model(cfg, 2)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    stages = build_stagewise(cfg, model, flat, ZOEngine(flat, backend="cpu"))
+    stages = build_stagewise(cfg.stage_options(), model, flat, ZOEngine(flat, backend="cpu"))
     stages.enter_stage(0)  # the static mask, recomputed from public values
     keep = ops.unpack_mask(stages.masks.mask.packed[0], flat.numel)
     trained = weights(out)
@@ -219,8 +219,8 @@ def test_masks_and_schedules_cost_no_epsilon(assets, tmp_path):
 def test_per_direction_clipping_releases_noise_of_sensitivity_c_sqrt_k(assets, tmp_path, method):
     """Joint clipping: sensitivity C, noise σC per coordinate. Per-direction: C√K, noise σC√K (pitfall P5:
     the public DP-ZOPO code noises each direction at σC and under-counts). Empty batches release pure noise."""
-    from dpzo_engine.config import parse_args
-    from dpzo_engine.run_dir import RunDir
+    from dpzo_engine.run.config import parse_args
+    from dpzo_engine.run.run_dir import RunDir
 
     K, C, draws = 4, 0.5, 3000
     stds = {}
@@ -228,10 +228,10 @@ def test_per_direction_clipping_releases_noise_of_sensitivity_c_sqrt_k(assets, t
         out = tmp_path / clipping
         cfg = parse_args(args(assets, out, "--method", method, "-K", str(K), "--clip", str(C), "--clipping", clipping))
         session = Session(cfg, RunDir(out), resuming=False)
-        mech = session.rule.mechanism
+        mech = session.zo.rule.mechanism
         assert mech.sensitivity == pytest.approx(C if clipping == "joint" else C * math.sqrt(K))
-        noise = torch.stack([session.rule(torch.zeros(0, K)).grad for _ in range(draws)])
-        stds[clipping] = float(noise.std()) * session.rule.expected_batch_size
+        noise = torch.stack([session.zo.rule(torch.zeros(0, K)).grad for _ in range(draws)])
+        stds[clipping] = float(noise.std()) * session.zo.rule.expected_batch_size
         assert stds[clipping] == pytest.approx(session.sigma * mech.sensitivity, rel=0.05)
     assert stds["per-direction"] / stds["joint"] == pytest.approx(math.sqrt(K), rel=0.07)
 

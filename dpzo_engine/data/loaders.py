@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 SPLIT_FILE_NAMES: dict[str, tuple[str, ...]] = {
     "train": ("train",),

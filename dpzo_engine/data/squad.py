@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..paths import hub_offline
+from ..core.paths import hub_offline
 from .loaders import (
     DataError,
     Example,

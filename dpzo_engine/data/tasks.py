@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..paths import cache_dir, hub_offline
+from ..core.paths import cache_dir, hub_offline
 from .loaders import (
     LAYOUT_HINT,
     Columns,

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import UserError
 from ..data import Example
-from ..errors import UserError
 
 Batch = dict[str, Any]  # tensors, plus non-tensor extras (gold answers) that stay on the host
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import stream
-from ..errors import UserError
+from ..core import stream
+from ..core.errors import UserError
 from . import reference
 
 BACKENDS = ("auto", "reference", "cpu", "triton")

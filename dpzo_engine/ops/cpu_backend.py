@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from .. import stream
+from ..core import stream
 
 EXTENSION_NAME = "dpzo_cpu"
 SOURCES = ("dpzo_cpu.cpp",)

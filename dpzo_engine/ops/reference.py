@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import stream
+from ..core import stream
 
 CHUNK = 1 << 20  # elements per slice: bounds the reference's temporaries
 

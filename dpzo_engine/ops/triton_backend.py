@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import stream
+from ..core import stream
 
 
 def ensure_available() -> None:

@@ -39,6 +39,7 @@ from .mechanism import (
     secret_generator,
     set_secret_state,
 )
+from .plan import PrivacyPlan, StepCounter
 from .sampler import PoissonSampler
 
 __all__ = [
@@ -50,7 +51,9 @@ __all__ = [
     "PoissonSampler",
     "PrivacyAccountant",
     "PrivacyError",
+    "PrivacyPlan",
     "PrivacySpent",
+    "StepCounter",
     "calibrate_noise",
     "count_epsilon",
     "epsilon_spent",

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 
-from ..errors import report
+from ..core.errors import report
 from .accountant import calibrate_noise, epsilon_spent
 from .mechanism import PrivacyError
 

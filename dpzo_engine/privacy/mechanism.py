@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 CLIP_MODES = ("joint", "per_direction")
 DEFAULT_COUNT_SHARE = 0.05  # share of ε spent on the Laplace count when n is private (DP-AggZO paper)

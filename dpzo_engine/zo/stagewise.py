@@ -1,7 +1,7 @@
 """What DP-ZOSO and DP-ZOPO attach to DP-AggZO's private rule: a stage schedule, a data-free
 mask (DP-ZOPO), and an optional proximal pull towards the stage's starting point.
 
-A method is a clipping rule (``methods.PrivateRule``, joint by default) plus a schedule plus an
+A method is a clipping rule (``zo.rules.PrivateRule``, joint by default) plus a schedule plus an
 optional mask policy. The trainer asks ``Stagewise`` for (lr, λ) each step, calls
 ``enter_stage`` at stage boundaries and ``after_update`` after each update; replay drives the
 same object from the ledger. Everything here is a function of public values (the master seed,
@@ -19,15 +19,16 @@ parameters, which the memory report states. ρ = 0 (the default) stores nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from . import stream
-from .config import STAGEWISE_METHODS, TrainConfig
-from .flat import FlatParams
-from .ops.reference import round_to
+from ..core import stream
+from ..core.flat import FlatParams
+from ..ops.reference import round_to
+from .engine import ZOEngine
 from .pruning import CHUNK, Mask, MaskPolicy, mask_extra_bytes, scoring_transient_bytes, unpack_bits
 from .schedules import StageSchedule
-from .zo import ZOEngine
 
 
 class ProximalAnchor:
@@ -195,24 +196,50 @@ class Stagewise:
             self.prox.load_state_dict(state["prox"], self.masks.mask if self.masks is not None else None)
 
 
-def build_stagewise(cfg: TrainConfig, model: torch.nn.Module, flat: FlatParams, engine: ZOEngine) -> Stagewise:
-    """The attachments ``cfg`` asks for; other methods get a constant one-stage schedule."""
-    active = cfg.method in STAGEWISE_METHODS
-    if not active:
-        return Stagewise(StageSchedule(cfg.steps, 1, cfg.lr, cfg.zo_eps), engine, active=False)
-    schedule = StageSchedule(cfg.steps, cfg.stages, cfg.lr, cfg.zo_scale_start, cfg.zo_scale_end, cfg.lr_decay)
+@dataclass(frozen=True)
+class StageOptions:
+    """What a method attaches to the private rule, as plain values (the CLI's config maps onto these).
+
+    ``stages=None`` is a constant (lr, λ) schedule with no attachments: DP-AggZO, DPZero, MeZO.
+    """
+
+    steps: int
+    lr: float
+    zo_eps: float
+    seed: int = 0  # the public master seed: the mask's probe directions derive from it
+    kind: str = "gaussian"
+    rounding: str = "nearest"
+    stages: int | None = None
+    lr_decay: float = 0.5
+    zo_scale_start: float | None = None  # None: zo_eps
+    zo_scale_end: float | None = None  # None: zo_scale_start
+    prox: float = 0.0
+    mask: bool = False  # DP-ZOPO's data-free mask
+    keep_fraction: float = 0.01
+    mask_strategy: str = "static"
+    prune_queries: int = 4
+    rank_bins: int = 0
+
+
+def build_stagewise(opts: StageOptions, model: torch.nn.Module, flat: FlatParams, engine: ZOEngine) -> Stagewise:
+    """The attachments ``opts`` asks for; without stages, a constant one-stage schedule."""
+    if opts.stages is None:
+        return Stagewise(StageSchedule(opts.steps, 1, opts.lr, opts.zo_eps), engine, active=False)
+    start = opts.zo_eps if opts.zo_scale_start is None else opts.zo_scale_start
+    end = start if opts.zo_scale_end is None else opts.zo_scale_end
+    schedule = StageSchedule(opts.steps, opts.stages, opts.lr, start, end, opts.lr_decay)
     masks = None
-    if cfg.method == "dp-zopo":
+    if opts.mask:
         masks = MaskPolicy(
             model,
             flat,
-            master_seed=cfg.seed,
-            keep_fraction=cfg.keep_fraction,
-            strategy=cfg.mask_strategy,
-            queries=cfg.prune_queries,
-            rank_bins=cfg.rank_bins,
-            kind=cfg.direction_kind,
+            master_seed=opts.seed,
+            keep_fraction=opts.keep_fraction,
+            strategy=opts.mask_strategy,
+            queries=opts.prune_queries,
+            rank_bins=opts.rank_bins,
+            kind=opts.kind,
             backend=engine.backend,
         )
-    prox = ProximalAnchor(flat, cfg.prox, cfg.update_rounding(), cfg.seed) if cfg.prox > 0 else None
+    prox = ProximalAnchor(flat, opts.prox, opts.rounding, opts.seed) if opts.prox > 0 else None
     return Stagewise(schedule, engine, masks=masks, prox=prox)

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from ..core.errors import ConfigError
+from .config import TrainConfig
 
 
 def atomic_write_text(path: Path, text: str) -> None:

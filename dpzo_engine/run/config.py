@@ -14,8 +14,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ops, stream
-from .errors import UserError
+from .. import ops
+from ..core import stream
+from ..core.errors import ConfigError
+from ..zo.private_zo import ZOOptions
+from ..zo.stagewise import StageOptions
 
 METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo", "dp-adamw", "adamw")
 PRIVATE_METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "dp-adamw")
@@ -27,10 +30,6 @@ DEFAULT_LR = {"zo": 5e-2, "first_order": 5e-4}  # when --lr is not given (zo: tu
 # K when --num-directions is not given: the papers' settings (DP-AggZO K = 64; the others one direction)
 DEFAULT_DIRECTIONS = {"dp-aggzo": 64, "dp-aggzo-perdir": 64}
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(UserError, ValueError):
-    """Invalid user input: reported as one line, exit code 2."""
 
 
 @dataclass
@@ -108,6 +107,45 @@ class TrainConfig:
             return self.rounding
         return "stochastic" if self.dtype == "bfloat16" else "nearest"
 
+    def stage_options(self) -> StageOptions:
+        """The stage schedule, mask and proximal term this config asks for, as plain values."""
+        staged = self.method in STAGEWISE_METHODS
+        return StageOptions(
+            steps=self.steps,
+            lr=self.lr,
+            zo_eps=self.zo_eps,
+            seed=self.seed,
+            kind=self.direction_kind,
+            rounding=self.update_rounding(),
+            stages=self.stages if staged else None,
+            lr_decay=self.lr_decay if self.lr_decay is not None else 0.5,
+            zo_scale_start=self.zo_scale_start,
+            zo_scale_end=self.zo_scale_end,
+            prox=self.prox,
+            mask=self.method == "dp-zopo",
+            keep_fraction=self.keep_fraction if self.keep_fraction is not None else 0.01,
+            mask_strategy=self.mask_strategy or "static",
+            prune_queries=self.prune_queries if self.prune_queries is not None else 4,
+            rank_bins=self.rank_bins if self.rank_bins is not None else 0,
+        )
+
+    def zo_options(self) -> ZOOptions:
+        """The ZO step's knobs as plain values (``PrivateZO``)."""
+        return ZOOptions(
+            method=self.method,
+            num_directions=self.num_directions,
+            lr=self.lr,
+            zo_eps=self.zo_eps,
+            clip=self.clip,
+            clip_mode=self.clip_mode,
+            difference=self.difference,
+            direction_kind=self.direction_kind,
+            rounding=self.update_rounding(),
+            backend=self.backend,
+            seed=self.seed,
+            stages=self.stage_options(),
+        )
+
     def identity(self) -> dict:
         """The keys that define a run: a resume must match them exactly."""
         d = dataclasses.asdict(self)
@@ -181,7 +219,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 def _validate_task_options(cfg: TrainConfig) -> None:
     """--head and the data sizes (issue 4: the papers' heads and tasks)."""
-    from .heads import HEAD_CHOICES
+    from ..heads import HEAD_CHOICES
 
     if cfg.head not in HEAD_CHOICES:
         raise ConfigError(f"--head must be one of {', '.join(HEAD_CHOICES)}; got {cfg.head!r}")
@@ -197,8 +235,8 @@ def _validate_task_options(cfg: TrainConfig) -> None:
 
 def _validate_stagewise(cfg: TrainConfig) -> None:
     """--clipping and the DP-ZOSO/DP-ZOPO knobs: resolve defaults, refuse them where they'd be ignored."""
-    from .pruning import check_options
-    from .schedules import StageSchedule
+    from ..zo.pruning import check_options
+    from ..zo.schedules import StageSchedule
 
     if cfg.clipping not in CLIPPINGS:
         raise ConfigError(f"--clipping must be one of {', '.join(CLIPPINGS)}; got {cfg.clipping!r}")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .flat import FlatParams
+from .. import ops
+from ..core.flat import FlatParams
 
 DIFFERENCES = ("central", "forward")
 MaskEntry = torch.Tensor | None | list[tuple[torch.Tensor, float]]  # per buffer; see ZOEngine.apply

@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
-from .paths import cache_dir
+from ..core.errors import UserError
+from ..core.paths import cache_dir
 
 NAME = "smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

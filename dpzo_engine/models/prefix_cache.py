@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .models import ModelError, _layer_stack, parameter_groups
+from .loading import ModelError, _layer_stack, parameter_groups
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

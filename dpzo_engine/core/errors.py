@@ -16,6 +16,10 @@ class UserError(Exception):
     """A problem the user can fix; its message is the whole report."""
 
 
+class ConfigError(UserError, ValueError):
+    """Invalid user input (flags, config file, run directory): reported as one line, exit code 2."""
+
+
 def report(exc: BaseException, code: int = 2) -> int:
     if os.environ.get("DPZO_DEBUG") == "1":
         traceback.print_exception(exc)

@@ -19,7 +19,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from .config import ConfigError
+from ..core.errors import ConfigError
 
 MAX_STAGES = 40  # 2^40 steps: far beyond any run; keeps 2^S exact in a float
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UserError
-from .paths import hub_offline
+from ..core.errors import UserError
+from ..core.paths import hub_offline
 from .smollm2 import NAME as SMOLLM2
 from .smollm2 import smollm2_dir
 

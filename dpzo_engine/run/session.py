@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import privacy
-from .config import ConfigError, TrainConfig
-from .data import get_task
-from .flat import FlatParams
-from .heads import build_head, count_at_length, evaluate, resolve_head
-from .methods import MeZORule, PrivateRule, Released
-from .models import load_model_and_tokenizer, model_kind, select_trainable
-from .prefix_cache import cached_prefix, frozen_prefix_length
+from .. import privacy
+from ..core.errors import ConfigError
+from ..core.flat import FlatParams
+from ..data import get_task
+from ..heads import build_head, count_at_length, evaluate, resolve_head
+from ..models.loading import load_model_and_tokenizer, model_kind, select_trainable
+from ..models.prefix_cache import cached_prefix, frozen_prefix_length
+from ..zo.engine import PassCounter
+from ..zo.private_zo import PrivateZO
+from ..zo.rules import Released
+from .config import TrainConfig
 from .run_dir import RunDir
-from .stagewise import build_stagewise
-from .step import ZOStep
-from .zo import PassCounter, ZOEngine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,25 +53,6 @@ def build_model(cfg: TrainConfig, num_labels: int, head: str = "sequence-classif
     model.eval()  # no dropout: L+ and L- must see the same function
     trainable = select_trainable(model, cfg.trainable)
     return model, tokenizer, trainable, FlatParams(model)
-
-
-class NoAccountant:
-    """Stand-in for non-private methods: counts steps, spends nothing."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def step(self) -> None:
-        self.steps += 1
-
-    def epsilon(self) -> float | None:
-        return None
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = state["steps"]
 
 
 @dataclass
@@ -114,7 +95,7 @@ class LossMeter:
 
 
 class Session:
-    """A run's state: data, model, engine, sampler, privacy, and its start/finish."""
+    """A run's state: data, model, head, the privacy plan and the trainer (``PrivateZO`` for ZO methods)."""
 
     def __init__(self, cfg: TrainConfig, run: RunDir, resuming: bool):
         self.cfg = cfg
@@ -135,13 +116,20 @@ class Session:
         self.head = build_head(self.head_name, self.task, **extra)
         self._note_truncation()
         self.cached_blocks = frozen_prefix_length(self.model)  # run once per step, not 2K times
+        self.plan = privacy.PrivacyPlan.create(
+            n,
+            steps=cfg.steps,
+            sample_rate=self.sample_rate,
+            epsilon=cfg.epsilon if cfg.private else None,
+            delta=cfg.delta,
+            count_share=cfg.count_share,
+            noise_seed=cfg.noise_seed,
+            update_every=cfg.log_every,  # exact ε at log steps; in between the next log step's bound
+        )
+        self.sigma, self.accountant, self.sampler = self.plan.noise_multiplier, self.plan.accountant, self.plan.sampler
         self.engine = self._build_engine()
-        self.stages = build_stagewise(cfg, self.model, self.flat, self.engine)  # DP-ZOSO schedule, DP-ZOPO mask
-        self.generator = privacy.secret_generator(cfg.noise_seed)
-        self.sampler = privacy.PoissonSampler(n, self.sample_rate, self.generator)
         self.loss_meter = LossMeter()
         self.start_step = 0
-        self._setup_privacy(n)
         if resuming:
             self._resume(run)
         else:
@@ -161,73 +149,23 @@ class Session:
                 file=sys.stderr,
             )
 
-    # ------------------------------------------------------------------ privacy
-    def _setup_privacy(self, n: int) -> None:
-        cfg = self.cfg
-        self.count_epsilon = 0.0
-        self.n_hat = float(n)
-        if not cfg.private:
-            self.sigma = 0.0
-            self.rule = self._build_rule()
-            self.accountant = NoAccountant()
-            return
-        if cfg.count_share > 0:  # n treated as private: release a Laplace-noised count
-            self.count_epsilon = cfg.count_share * cfg.epsilon
-            self.n_hat = privacy.laplace_count(n, self.count_epsilon, self.generator)
-        self.sigma = privacy.calibrate_noise(
-            cfg.epsilon, cfg.delta, self.sample_rate, cfg.steps, count_share=cfg.count_share
-        )
-        self.rule = self._build_rule()
-        # Exact ε at every log step and at T; in between, the bound at the next log step (valid, and
-        # one PRV query per log step instead of per step).
-        self.accountant = privacy.PrivacyAccountant(
-            self.sigma,
-            self.sample_rate,
-            cfg.delta,
-            max_steps=cfg.steps,
-            laplace_epsilon=self.count_epsilon,
-            update_every=cfg.log_every,
-        )
-
     def _build_engine(self):
-        """What performs the steps: the fused ZO engine here; ``first_order.FirstOrderSession`` overrides it."""
-        cfg = self.cfg
-        return ZOEngine(self.flat, cfg.direction_kind, cfg.backend, cfg.difference)
-
-    def _build_rule(self):
-        """D [B, K] -> released vector, built once σ and ñ are known (first-order sessions privatise their
-        optimizer here instead)."""
-        cfg = self.cfg
-        if not cfg.private:
-            return MeZORule()
-        mechanism = privacy.GaussianMechanism(
-            self.sigma, cfg.clip, cfg.num_directions, cfg.clip_mode, generator=self.generator
-        )
-        return PrivateRule(mechanism, self.sample_rate * self.n_hat, backend=self.engine.backend)
+        """What performs the steps: ``PrivateZO`` here (the Python API); first_order overrides it."""
+        self.zo = PrivateZO(self.model, self.plan, self.cfg.zo_options(), self.cfg.steps, flat=self.flat)
+        self.stages = self.zo.stages  # DP-ZOSO schedule, DP-ZOPO mask
+        return self.zo.engine
 
     def _ledger_header(self) -> dict:
         return {
             "type": "header",
             "step": 0,
-            "method": self.cfg.method,
-            "backend": self.engine.backend,
-            "direction_kind": self.cfg.direction_kind,
-            "difference": self.cfg.difference,
-            "rounding": self.cfg.update_rounding(),
-            "master_seed": self.cfg.seed,
-            "noise_multiplier": self.sigma,
-            "sample_rate": self.sample_rate,
-            "expected_batch_size": self.sample_rate * self.n_hat,
-            "released_count": self.n_hat if self.count_epsilon > 0 else None,
+            **self.zo.header(),
             "num_labels": self.task.num_labels,
             "head": self.head_name,
             "max_length": self.max_length,
             "trainable": self.trainable,
-            "trainable_numel": self.flat.numel,
             "cached_blocks": self.cached_blocks,
             "initial_sha256": fingerprint(self.flat),
-            "clip_mode": getattr(getattr(self.rule, "mechanism", None), "clip_mode", None),  # what sets the noise
-            **self.stages.header(),
         }
 
     # ------------------------------------------------------------------ steps
@@ -240,21 +178,14 @@ class Session:
         batch = self.head.collate(examples, self.tokenizer, self.max_length)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def build_step(self) -> ZOStep:
-        """The ZO step of DESIGN section 5 on this session's parts (frozen bottom blocks run once)."""
-        cfg = self.cfg
-        return ZOStep(
-            engine=self.engine,
-            rule=self.rule,
-            sampler=self.sampler,
-            stages=self.stages,
-            per_example_loss=lambda batch: self.head.per_example_loss(self.model, batch),
-            collate=self.batch,
-            forwards=lambda idx: cached_prefix(self.model, self.cached_blocks),
-            master_seed=cfg.seed,
-            num_directions=cfg.num_directions,
-            rounding=cfg.update_rounding(),
-        )
+    def loss_fn(self, idx: list[int]):
+        """The per-example loss of the Poisson batch ``idx``, or None for an empty batch (pure noise)."""
+        batch = self.batch(idx)
+        return None if batch is None else (lambda: self.head.per_example_loss(self.model, batch))
+
+    def forwards(self):
+        """What wraps a step's forwards: the frozen bottom blocks run once, not 2K times (exact)."""
+        return cached_prefix(self.model, self.cached_blocks)
 
     def evaluate(self, split: str) -> dict:
         examples = getattr(self.task, split)
@@ -268,24 +199,17 @@ class Session:
         state = {
             "step": step,
             "buffers": [b.detach().cpu().clone() for b in self.flat.buffers],
-            "accountant": self.accountant.state_dict(),
-            "counter": (self.engine.counter.passes, self.engine.counter.forwards),
+            "zo": self.zo.state_dict(),
             "untrained": self.untrained,
-            "n_hat": self.n_hat,
-            "stagewise": self.stages.state_dict(),  # the stage's mask and proximal anchor
         }
-        run.save_checkpoint(step, state, {"generator": self.generator.get_state()})
+        run.save_checkpoint(step, state, self.zo.secret_state())
 
     def _resume(self, run: RunDir) -> None:
         state, secret = run.load_checkpoint()
         self.flat.load_buffers([b.to(self.device) for b in state["buffers"]])
-        self.accountant.load_state_dict(state["accountant"])
-        self.engine.counter = PassCounter(*state["counter"])
-        self.generator.set_state(secret["generator"])
+        self.zo.load_state_dict(state["zo"])
+        self.zo.load_secret_state(secret)
         self.untrained = state["untrained"]
-        self.n_hat = state["n_hat"]
-        if "stagewise" in state:
-            self.stages.load_state_dict(state["stagewise"])
         self.start_step = state["step"]
         run.truncate_logs(self.start_step)
         print(f"resuming {run.path} at step {self.start_step}", file=sys.stderr)

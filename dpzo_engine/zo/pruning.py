@@ -44,9 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops, stream
-from .config import ConfigError
-from .flat import FlatParams
+from .. import ops
+from ..core import stream
+from ..core.errors import ConfigError
+from ..core.flat import FlatParams
 
 STRATEGIES = ("static", "dynamic", "incremental")
 DEFAULT_KEEP_FRACTION = 0.01

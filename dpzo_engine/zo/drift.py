@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops, stream
-from .flat import FlatParams
-from .zo import ZOEngine
+from .. import ops
+from ..core import stream
+from ..core.flat import FlatParams
+from .engine import ZOEngine
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:

@@ -1,30 +1,29 @@
-"""One DP-ZO training step (DESIGN section 5), shared by the trainer and the utility benchmark.
+"""One DP-ZO training step (DESIGN section 5), shared by the API, the trainer, replay and the benchmarks.
 
     (lr, λ)  = schedule(t)                     constant, or DP-ZOSO's stages (public)
-    batch    = Poisson sample                  the SECRET generator
     seeds    = K public direction seeds of t
     D        = per-example directional derivatives through the fused passes
     g        = rule(D)                         clip, secret noise, / (q·n) for private methods
     θ        ← θ − lr Σ_k g_k z_k              fused with restoring the last perturbation
 
-Where a batch comes from and what wraps the forwards (the frozen-prefix cache in the trainer,
-replayed features in the benchmark) are the caller's; everything else is the same code.
+The batch is the caller's (a Poisson sample from the secret generator, see ``PrivateZO``): a step
+only sees a loss function. ``replay_step`` applies a released step from its ledger row alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from . import stream
-from .methods import MeZORule, PrivateRule, Released
+from ..core import stream
+from .engine import ZOEngine
+from .rules import MeZORule, PrivateRule, Released
 from .stagewise import Stagewise
-from .zo import ZOEngine
 
-Batch = dict[str, torch.Tensor]
+LossFn = Callable[[], torch.Tensor]  # per-example losses [B] at the current θ
 
 
 @dataclass
@@ -57,31 +56,40 @@ class StepRecord:
 
 @dataclass
 class ZOStep:
-    """Callable ``step(t) -> StepRecord``; holds the engine, the release rule and the sampler."""
+    """Callable ``step(t, loss_fn) -> StepRecord``: the engine's passes, the release rule, the schedule."""
 
     engine: ZOEngine
     rule: MeZORule | PrivateRule
-    sampler: object  # privacy.PoissonSampler (secret generator)
     stages: Stagewise
-    per_example_loss: Callable[[Batch], torch.Tensor]
-    collate: Callable[[list[int]], Batch]  # indices of a non-empty Poisson batch -> batch on the device
-    forwards: Callable[[list[int]], AbstractContextManager]  # what wraps the step's forwards
     master_seed: int
     num_directions: int
     rounding: str
 
-    def __call__(self, step: int) -> StepRecord:
+    def __call__(self, step: int, loss_fn: LossFn | None, forwards: AbstractContextManager | None = None) -> StepRecord:
+        """``loss_fn`` None is an empty Poisson batch: the same passes run, no forward does, and
+        the release is pure noise. ``forwards`` wraps the step's forwards (e.g. the prefix cache)."""
         lr, zo_eps = self.stages.at(step)
         stage_row = self.stages.enter_stage(step) if self.stages.boundary(step) else None  # data-free, no ε
-        idx = self.sampler.sample().tolist()
-        batch = self.collate(idx) if idx else None
-        loss_fn = (lambda: self.per_example_loss(batch)) if batch is not None else None  # None: empty batch
         seeds = stream.step_seeds(self.master_seed, step, self.num_directions)
         rounding_seed = stream.rounding_seed(self.master_seed, step)
-        with torch.no_grad(), self.forwards(idx):
+        with torch.no_grad(), forwards if forwards is not None else nullcontext():
             D = self.engine.estimate(loss_fn, seeds, zo_eps)
             released = self.rule(D)
             coefs = (-lr * released.grad).to(torch.float32).tolist()
             self.engine.finish(seeds, zo_eps, coefs, self.rounding, rounding_seed)
             self.stages.after_update(step, lr)  # proximal pull towards the stage's start (--prox)
         return StepRecord(step, seeds, rounding_seed, lr, zo_eps, released, coefs, stage_row, self.engine.last_loss)
+
+
+def replay_step(engine: ZOEngine, stages: Stagewise, row: dict, rounding: str) -> dict | None:
+    """Apply a released step from its public ledger row: the same passes, no data, no forward.
+
+    Returns the stage event the step opens, recomputed (DP-ZOPO's data-free mask), for the caller
+    to check against the ledger's; None when the step opens no stage."""
+    step = row["step"] - 1
+    event = stages.enter_stage(step) if stages.boundary(step) else None
+    with torch.no_grad():
+        engine.estimate(None, row["seeds"], row["zo_eps"])
+        engine.finish(row["seeds"], row["zo_eps"], row["coefs"], rounding, row["rounding_seed"])
+        stages.after_update(step, row["lr"])
+    return event

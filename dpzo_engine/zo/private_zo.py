@@ -1,0 +1,178 @@
+"""``PrivateZO``: DP zeroth-order training of any model with a per-example loss, from Python.
+
+The CLI trainer is one user of this class; yours can be a dozen lines::
+
+    zo = PrivateZO.make(model, num_examples=len(data), steps=200, batch_size=64,
+                        epsilon=2.0, delta=1e-5, num_directions=16, clip=1.0, lr=0.05)
+    for _ in range(zo.steps):
+        idx = zo.sample()                                  # a secret Poisson batch; may be empty
+        zo.step(lambda: my_per_example_loss(model, [data[i] for i in idx]) if idx else None)
+    print(zo.epsilon())
+
+What it holds, each part replaceable and documented where it lives: the flat buffer of the
+trainable parameters (``core.flat``), the fused perturbation passes (``zo.engine``), the release
+rule (``zo.rules``: clip, secret noise, / q·n), the stage schedule and mask (``zo.stagewise``), and
+the privacy plan (``privacy.plan``: secret generator, Poisson sampler, σ, accountant). The model
+must be in eval mode with a deterministic loss (no dropout: L+ and L− must see the same function).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..core.flat import FlatParams
+from ..privacy import GaussianMechanism
+from ..privacy.plan import PrivacyPlan
+from .engine import ZOEngine
+from .rules import MeZORule, PrivateRule
+from .stagewise import StageOptions, build_stagewise
+from .step import LossFn, StepRecord, ZOStep
+
+ZO_METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo")
+
+
+@dataclass(frozen=True)
+class ZOOptions:
+    """How a step estimates and updates, as plain values (the CLI's config maps onto these)."""
+
+    method: str = "dp-aggzo"
+    num_directions: int = 16
+    lr: float = 5e-2
+    zo_eps: float = 1e-3
+    clip: float = 1.0
+    clip_mode: str = "joint"  # "per_direction": the ablation, sensitivity C·√K
+    difference: str = "central"
+    direction_kind: str = "gaussian"
+    rounding: str = "nearest"  # "stochastic" for bf16 buffers (updates below half an ulp otherwise vanish)
+    backend: str = "auto"
+    seed: int = 0  # the public master seed of the direction stream
+    stages: StageOptions | None = field(default=None)  # DP-ZOSO / DP-ZOPO attachments
+
+    @property
+    def private(self) -> bool:
+        return self.method != "mezo"
+
+
+class PrivateZO:
+    """Sample, step, account: one object per run (see the module docstring for the loop)."""
+
+    def __init__(
+        self, model: nn.Module, plan: PrivacyPlan, options: ZOOptions, steps: int, flat: FlatParams | None = None
+    ):
+        """``flat``: the model's flat buffer if one was already made (parameters are views into it)."""
+        if options.method not in ZO_METHODS:
+            raise ConfigError(f"method must be one of {', '.join(ZO_METHODS)}; got {options.method!r}")
+        if options.private != plan.private:
+            raise ConfigError(f"method {options.method} needs a {'private' if options.private else 'non-private'} plan")
+        self.model, self.plan, self.options, self.steps = model, plan, options, steps
+        self.flat = flat if flat is not None else FlatParams(model)
+        self.engine = ZOEngine(self.flat, options.direction_kind, options.backend, options.difference)
+        stage_opts = options.stages or StageOptions(steps, options.lr, options.zo_eps)
+        self.stages = build_stagewise(stage_opts, model, self.flat, self.engine)
+        self.rule = self._rule()
+        self._step = ZOStep(self.engine, self.rule, self.stages, options.seed, options.num_directions, options.rounding)
+        self.steps_done = 0
+
+    @classmethod
+    def make(
+        cls,
+        model: nn.Module,
+        *,
+        num_examples: int,
+        steps: int,
+        batch_size: float | None = None,
+        sample_rate: float | None = None,
+        epsilon: float | None = 2.0,
+        delta: float = 1e-5,
+        noise_seed: int | None = None,
+        **options,
+    ) -> PrivateZO:
+        """A run over ``num_examples`` examples: Poisson batches of expected size ``batch_size`` (or
+        rate ``sample_rate``), σ calibrated for (ε, δ) over ``steps``. Other keywords: ``ZOOptions``.
+        ``method="mezo"`` (non-private) ignores ε and δ."""
+        if (batch_size is None) == (sample_rate is None):
+            raise ConfigError("give batch_size or sample_rate, not both")
+        q = sample_rate if sample_rate is not None else batch_size / num_examples
+        opts = ZOOptions(**options)
+        plan = PrivacyPlan.create(
+            num_examples,
+            steps=steps,
+            sample_rate=q,
+            epsilon=epsilon if opts.private else None,
+            delta=delta,
+            noise_seed=noise_seed,
+        )
+        return cls(model, plan, opts, steps)
+
+    def _rule(self) -> MeZORule | PrivateRule:
+        o = self.options
+        if not o.private:
+            return MeZORule()
+        mech = GaussianMechanism(self.plan.noise_multiplier, o.clip, o.num_directions, o.clip_mode, self.plan.generator)
+        return PrivateRule(mech, self.plan.normalizer, backend=self.engine.backend)
+
+    # ------------------------------------------------------------------ the loop
+    def sample(self) -> list[int]:
+        """The next Poisson batch's example indices, from the secret generator (may be empty)."""
+        return self.plan.sampler.sample().tolist()
+
+    def step(self, loss_fn: LossFn | None, forwards: AbstractContextManager | None = None) -> StepRecord:
+        """One release: estimate along K directions, clip, noise, update; counted by the accountant.
+        ``loss_fn()`` returns the per-example losses of the sampled batch; None for an empty batch."""
+        record = self._step(self.steps_done, loss_fn, forwards)
+        self.plan.accountant.step()
+        self.steps_done += 1
+        return record
+
+    def epsilon(self) -> float | None:
+        """ε spent so far (PRV upper bound); None for a non-private run."""
+        return self.plan.epsilon()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Public state to resume from (the parameters are the model's): step, accounting, schedule."""
+        counter = self.engine.counter
+        return {
+            "step": self.steps_done,
+            "privacy": self.plan.state_dict(),
+            "counter": (counter.passes, counter.forwards),
+            "stagewise": self.stages.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state["step"])
+        self.plan.load_state_dict(state["privacy"])
+        self.engine.counter.passes, self.engine.counter.forwards = state["counter"]
+        self.stages.load_state_dict(state["stagewise"])
+        if self.options.private:  # the released count may have come back with the state
+            self.rule.expected_batch_size = self.plan.normalizer
+
+    def secret_state(self) -> dict:
+        """SECRET (sampling and noise generator): store apart from public outputs, mode 600."""
+        return self.plan.secret_state()
+
+    def load_secret_state(self, state: dict) -> None:
+        self.plan.load_secret_state(state)
+
+    def header(self) -> dict:
+        """Public facts of the run for a ledger header."""
+        o = self.options
+        return {
+            "method": o.method,
+            "backend": self.engine.backend,
+            "direction_kind": o.direction_kind,
+            "difference": o.difference,
+            "rounding": o.rounding,
+            "master_seed": o.seed,
+            "noise_multiplier": self.plan.noise_multiplier,
+            "sample_rate": self.plan.sample_rate,
+            "expected_batch_size": self.plan.normalizer,
+            "released_count": self.plan.released_count,
+            "trainable_numel": self.flat.numel,
+            "clip_mode": o.clip_mode if o.private else None,
+            **self.stages.header(),
+        }
