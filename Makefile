@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint bench-kernels bench-utility clean
+.PHONY: install train test lint bench-kernels bench-utility gpu-check gpu-wheels clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,24 @@ bench-kernels: $(STAMP)
 
 bench-utility: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/utility.py $(ARGS)
+
+# Every GPU figure in one command, on a GPU machine's own Python (no venv, no network; README).
+# It needs no install: the venv's python when there is one, else python3 (GPU_PY=... overrides).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	HF_HUB_OFFLINE=1 $(GPU_PY) bench/gpu_check.py $(ARGS)
+
+# Pure-Python wheels that the GPU machine lacks, at requirements.txt's versions, into .whl/ (ignored):
+# carry .whl there (README). Their dependencies (numpy, scipy, torch, opt-einsum) are preinstalled there.
+GPU_WHEELS := prv-accountant opacus
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+gpu-wheels:
+	for w in $(GPU_WHEELS); do grep -qi "^$$w==" requirements.txt || { echo "error: $$w is not pinned in requirements.txt" >&2; exit 2; }; done
+	rm -rf .whl && mkdir -p .whl
+	$(GPU_PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp $(foreach p,$(GPU_PLATFORMS),--platform $(p)) -d .whl \
+		$(foreach w,$(GPU_WHEELS),$(shell grep -i '^$(w)==' requirements.txt))
+	ls -l .whl && du -sh .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -46,6 +46,8 @@ GPU_DIRECTIONS_QUICK = [1, 2]
 TARGET_RADEMACHER_VS_COPY = 0.85
 TARGET_GAUSSIAN_VS_COPY = 0.60
 TARGET_MEZO_SPEEDUP = 3.0
+CLIP_BATCH, CLIP_DIRECTIONS = 64, 256  # clip_aggregate's [B, K]: a Poisson batch of 64, K = 256
+CLIP_SUM_TOLERANCE = 1e-9  # relative to the column's sum of |clipped terms| (tests/test_triton_kernels.py)
 
 CPU_DIRECTIONS = [1, 2, 8]
 CPU_REFERENCE_SIZE, CPU_REFERENCE_SIZE_QUICK = 1_000_000, 250_000
@@ -124,17 +126,19 @@ def fmt(x: float | None, spec: str = ".3g") -> str:
 
 
 # ---------------------------------------------------------------------------- GPU
-def opt_1_3b_shapes() -> list[tuple[int, ...]]:
-    """Trainable parameter shapes of OPT-1.3B (tied LM head once), from transformers' OPTConfig."""
+def opt_shapes(config: dict | None = None) -> list[tuple[int, ...]]:
+    """Trainable parameter shapes of an OPT model (default OPT-1.3B; tied LM head once), from
+    transformers' OPTConfig built on the meta device (no memory), or by hand without transformers."""
+    cfg = OPT_1_3B if config is None else config
     try:
         from transformers import OPTConfig, OPTForCausalLM
 
         with torch.device("meta"):
-            model = OPTForCausalLM(OPTConfig(**OPT_1_3B))
+            model = OPTForCausalLM(OPTConfig(**cfg))
         return [tuple(p.shape) for p in model.parameters()]
     except ImportError:  # the same list by hand
-        h, f, layers = OPT_1_3B["hidden_size"], OPT_1_3B["ffn_dim"], OPT_1_3B["num_hidden_layers"]
-        shapes = [(OPT_1_3B["vocab_size"], h), (OPT_1_3B["max_position_embeddings"] + OPT_POSITION_OFFSET, h)]
+        h, f, layers = cfg["hidden_size"], cfg["ffn_dim"], cfg["num_hidden_layers"]
+        shapes = [(cfg["vocab_size"], h), (cfg["max_position_embeddings"] + OPT_POSITION_OFFSET, h)]
         per_layer = [(h, h), (h,)] * 4 + [(h,), (h,), (f, h), (f,), (h, f), (h,), (h,), (h,)]
         return shapes + per_layer * layers + [(h,), (h,)]
 
@@ -234,11 +238,17 @@ def time_mezo_style(timer: Timer, shapes: list[tuple[int, ...]], device: torch.d
     return timer(mezo_perturb)
 
 
-def bench_mezo(device: torch.device, backend: str, timer: Timer, shapes: list[tuple[int, ...]]) -> dict:
+def bench_mezo(
+    device: torch.device,
+    backend: str,
+    timer: Timer,
+    shapes: list[tuple[int, ...]],
+    model: str = "facebook/opt-1.3b (shapes only)",
+) -> dict:
     """A MeZO-style perturbation over per-tensor parameters vs one flat fused pass of the same size."""
     total = sum(torch.Size(s).numel() for s in shapes)
     largest = max(torch.Size(s).numel() for s in shapes)
-    out = {"model": "facebook/opt-1.3b (shapes only)", "tensors": len(shapes), "parameters": total}
+    out = {"model": model, "tensors": len(shapes), "parameters": total}
     if not fits(device, 2 * (total + largest)):  # bf16 params + one z temporary; the flat buffer comes after
         return {**out, "skipped": "does not fit in free device memory"}
     t_mezo = time_mezo_style(timer, shapes, device)
@@ -255,13 +265,8 @@ def bench_mezo(device: torch.device, backend: str, timer: Timer, shapes: list[tu
     return out
 
 
-def bench_gpu(
-    device: torch.device, sizes: Sequence[int], directions: Sequence[int], backend: str = "triton"
-) -> tuple[dict, list[dict]]:
-    timer = Timer(device)
-    rows, fused = bench_apply_vs_copy(device, sizes, directions, backend, timer)
-    mezo = bench_mezo(device, backend, timer, opt_1_3b_shapes())
-
+def gpu_targets(rows: list[dict], fused: list[dict], mezo: dict) -> list[dict]:
+    """The GPU targets, read at the largest buffer measured (``pass`` None where not measured)."""
     measured = [r for r in rows if "time_ms" in r]
     largest = max((r["elements"] for r in measured), default=None)
 
@@ -270,20 +275,100 @@ def bench_gpu(
         return hits[0] if hits else None
 
     fused_at = {f["kind"]: f["speedup"] for f in fused if f["elements"] == largest}
+    at = f" ({largest:.2g} elements)" if largest else ""
     targets = [
-        target("rademacher J=1 vs copy", at_largest("rademacher", 1), TARGET_RADEMACHER_VS_COPY, "ratio >= 0.85"),
-        target("gaussian J=1 vs copy", at_largest("gaussian", 1), TARGET_GAUSSIAN_VS_COPY, "ratio >= 0.60"),
+        target(f"rademacher J=1 vs copy{at}", at_largest("rademacher", 1), TARGET_RADEMACHER_VS_COPY, "ratio >= 0.85"),
+        target(f"gaussian J=1 vs copy{at}", at_largest("gaussian", 1), TARGET_GAUSSIAN_VS_COPY, "ratio >= 0.60"),
         *(
-            target(f"{kind} fused J=2 vs 2 x J=1", fused_at.get(kind), 1.0, "speedup > 1 (time(2 x J=1) / time(J=2))")
+            target(
+                f"{kind} fused J=2 vs 2 x J=1{at}",
+                fused_at.get(kind),
+                1.0,
+                "speedup > 1 (time(2 x J=1) / time(J=2))",
+            )
             for kind in stream.KINDS
         ),
-        target("gaussian J=1 vs MeZO-style (OPT-1.3B)", mezo.get("speedup_gaussian"), TARGET_MEZO_SPEEDUP, ">= 3x"),
+        target(
+            f"gaussian J=1 vs MeZO-style ({mezo['model']})", mezo.get("speedup_gaussian"), TARGET_MEZO_SPEEDUP, ">= 3x"
+        ),
     ]
     for t in targets[2:4]:  # strictly faster
         if t["measured"] is not None:
             t["pass"] = bool(t["measured"] > 1.0)
-    results = {"targets_evaluated_at_elements": largest, "apply": rows, "fused_vs_unfused": fused, "mezo": mezo}
-    return results, targets
+    return targets
+
+
+def bench_gpu(
+    device: torch.device, sizes: Sequence[int], directions: Sequence[int], backend: str = "triton"
+) -> tuple[dict, list[dict]]:
+    timer = Timer(device)
+    rows, fused = bench_apply_vs_copy(device, sizes, directions, backend, timer)
+    mezo = bench_mezo(device, backend, timer, opt_shapes())
+    clip = bench_clip_aggregate(device, backend, timer)
+    largest = max((r["elements"] for r in rows if "time_ms" in r), default=None)
+    results = {
+        "targets_evaluated_at_elements": largest,
+        "apply": rows,
+        "fused_vs_unfused": fused,
+        "mezo": mezo,
+        "clip_aggregate": clip,
+    }
+    return results, gpu_targets(rows, fused, mezo)
+
+
+def clip_input(B: int, K: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, float, float]:
+    """D[B, K] of per-example differences, about half the rows above the clip, one row non-finite.
+
+    Returns (D, clip, scale) with DP-AggZO's scale 1/K and C the median scaled row norm.
+    """
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(B, K, generator=g) * torch.logspace(-1, 1, B).unsqueeze(1)
+    scale = 1.0 / K
+    clip = float((D * scale).norm(dim=1).median())
+    if B > 1:
+        D[B // 2, K // 2] = float("nan")
+    return D.to(device), clip, scale
+
+
+def clip_agreement(D: torch.Tensor, clip: float, scale: float, backend: str) -> dict:
+    """``clip_aggregate`` on ``backend`` against the PyTorch reference on the same input.
+
+    Counts must be equal; sums agree within 1e-9 of the column's sum of |clipped terms| (the
+    kernel tests' tolerance), computed in fp64 from the input.
+    """
+    ours = ops.clip_aggregate(D, clip, scale, "joint", backend=backend)
+    ref = ops.clip_aggregate(D, clip, scale, "joint", backend="reference")
+    a = D.double() * scale
+    finite = torch.isfinite(a).all(dim=1, keepdim=True)
+    a = torch.where(finite, a, torch.zeros_like(a))
+    factor = (clip / a.norm(dim=1, keepdim=True).clamp_min(1e-300)).clamp(max=1.0)
+    scale_of_terms = (a * factor).abs().sum(dim=0).clamp_min(1e-300)
+    rel = float(((ours.sums - ref.sums).abs() / scale_of_terms).max())
+    counts_equal = int(ours.num_clipped) == int(ref.num_clipped) and int(ours.num_nonfinite) == int(ref.num_nonfinite)
+    return {
+        "num_clipped": int(ours.num_clipped),
+        "num_nonfinite": int(ours.num_nonfinite),
+        "counts_equal_to_reference": counts_equal,
+        "max_sum_error_relative_to_terms": rel,
+        "tolerance": CLIP_SUM_TOLERANCE,
+        "agrees": bool(counts_equal and rel <= CLIP_SUM_TOLERANCE),
+    }
+
+
+def bench_clip_aggregate(
+    device: torch.device, backend: str, timer: Timer, B: int = CLIP_BATCH, K: int = CLIP_DIRECTIONS
+) -> dict:
+    """``clip_aggregate`` on [B, K]: agreement with the reference, and the time of both."""
+    D, clip, scale = clip_input(B, K, device)
+    out = {"B": B, "K": K, "clip": clip, "scale": scale, "backend": backend}
+    try:
+        out.update(clip_agreement(D, clip, scale, backend))
+        out["time_us"] = 1e6 * timer(lambda: ops.clip_aggregate(D, clip, scale, "joint", backend=backend))
+    except Exception as exc:  # reported: the other kernels' figures still count
+        return {**out, "error": f"{type(exc).__name__}: {exc}"}
+    out["reference_time_us"] = 1e6 * timer(lambda: ops.clip_aggregate(D, clip, scale, "joint", backend="reference"))
+    out["speedup_vs_reference"] = out["reference_time_us"] / out["time_us"]
+    return out
 
 
 def print_gpu(results: dict) -> None:
@@ -304,10 +389,24 @@ def print_gpu(results: dict) -> None:
         )
     m = results["mezo"]
     print(
-        f"MeZO-style over {m['tensors']} OPT-1.3B tensors ({m['parameters'] / 1e9:.2f}e9 params): "
+        f"MeZO-style over {m['tensors']} tensors of {m['model']} ({m['parameters']:.3g} params): "
         f"{fmt(m.get('mezo_ms'))} ms; ours gaussian {fmt(m.get('gaussian_J1_ms'))} ms "
         f"({fmt(m.get('speedup_gaussian'))}x), rademacher {fmt(m.get('rademacher_J1_ms'))} ms "
         f"({fmt(m.get('speedup_rademacher'))}x) {m.get('skipped', '')}"
+    )
+    if "clip_aggregate" in results:
+        print_clip(results["clip_aggregate"])
+
+
+def print_clip(c: dict) -> None:
+    if "error" in c:
+        print(f"clip_aggregate [{c['B']}, {c['K']}] ({c['backend']}): {c['error']}")
+        return
+    print(
+        f"clip_aggregate [{c['B']}, {c['K']}] ({c['backend']}): {fmt(c.get('time_us'))} us vs reference "
+        f"{fmt(c.get('reference_time_us'))} us ({fmt(c.get('speedup_vs_reference'))}x); counts equal: "
+        f"{c['counts_equal_to_reference']}, max sum error {c['max_sum_error_relative_to_terms']:.2g} of the terms "
+        f"(tolerance {c['tolerance']:g})"
     )
 
 
