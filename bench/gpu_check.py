@@ -21,7 +21,7 @@ Writes ``gpu_check_<device>.json`` and ``.md`` (device, versions, every figure, 
 target) to ``bench/results/`` or ``--out-dir``. Exit status 0 when no target failed and no part broke.
 
 ``--dry-run`` runs the same parts on the CPU at tiny sizes (Triton under its interpreter, CUDA
-tests skipped, timing and memory targets not judged), in well under a minute: the test suite runs
+tests skipped, timing and memory targets not judged), in about a minute: the test suite runs
 it on every CI so this command cannot rot. It runs from a checkout without installing the package
 (the GPU machine's own Python, with prv-accountant and Opacus carried as wheels: README).
 
