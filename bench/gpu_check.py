@@ -71,10 +71,10 @@ class Part:
 
 
 PARTS = (
-    Part("tests", 100, 20, "pytest -m gpu (compiled Triton kernels against the reference), as counts"),
-    Part("kernels", 80, 25, "apply_directions vs a device copy (J = 1, 2, 65), fused J = 2, vs the MeZO-style loop"),
-    Part("step", 110, 40, "one DP-AggZO step on OPT-1.3B: ours (central, forward) vs MeZO-style; non-forward share"),
-    Part("memory", 170, 45, "peak memory on OPT-6.7B: inference, DP-AggZO K = 16 and 64, DP-AdamW; fresh process each"),
+    Part("tests", 150, 20, "pytest -m gpu (compiled Triton kernels against the reference), as counts"),
+    Part("kernels", 70, 25, "apply_directions vs a device copy (J = 1, 2, 65), fused J = 2, vs the MeZO-style loop"),
+    Part("step", 90, 40, "one DP-AggZO step on OPT-1.3B: ours (central, forward) vs MeZO-style; non-forward share"),
+    Part("memory", 150, 45, "peak memory on OPT-6.7B: inference, DP-AggZO K = 16 and 64, DP-AdamW; fresh process each"),
     Part("clip", 20, 8, "clip_aggregate on [64, 256]: agreement with the reference, time"),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
@@ -181,11 +181,15 @@ def maybe_unjudged(targets: list[dict], dry: bool) -> list[dict]:
     return [{**t, "pass": None, "note": "dry run"} for t in targets] if dry else targets
 
 
-def ran(name: str, failures: list[str]) -> dict:
-    """A code-path target, judged in the dry run too: every case ran (an OOM counts as a result)."""
+def ran(name: str, failures: list[tuple[str, str]]) -> dict:
+    """A code-path target, judged in the dry run too: every case ran (an OOM counts as a result).
+    ``failures``: (case, error) pairs; cases with the same error are listed once with it."""
+    by_error: dict[str, list[str]] = {}
+    for case, error in failures:
+        by_error.setdefault(error, []).append(case)
     return {
         "name": name,
-        "measured": "; ".join(failures)[:600] if failures else "all",
+        "measured": "; ".join(f"{', '.join(c)}: {e}" for e, c in by_error.items())[:800] if failures else "all",
         "threshold": 0,
         "rule": "no case raised an error",
         "pass": not failures,
@@ -205,8 +209,8 @@ def kernels_part(spec: dict, dry: bool, device, save: Callable[[dict], None]) ->
     def snapshot() -> dict:
         targets = kernels.gpu_targets(rows, fused, mezo)
         results = {"apply": rows, "fused_vs_unfused": fused, "mezo": mezo}
-        failed = [f"{r['kind']} J={r['J']} n={r['elements']}: {r['error']}" for r in rows if "error" in r]
-        failed += [f"MeZO comparison {k}: {v}" for k, v in mezo.items() if k.endswith("_error")]
+        failed = [(f"{r['kind']} J={r['J']} n={r['elements']}", r["error"]) for r in rows if "error" in r]
+        failed += [(f"MeZO comparison, {k.removesuffix('_error')}", v) for k, v in mezo.items() if k.endswith("_error")]
         return {"results": results, "targets": [ran("every kernel case ran", failed), *maybe_unjudged(targets, dry)]}
 
     for n in spec["sizes"]:  # smallest first: a figure early, then the large buffer
@@ -263,7 +267,7 @@ def memory_part(spec: dict, dry: bool, device, save: Callable[[dict], None], dea
         targets = mem.evaluate_targets(
             rows, spec["directions"], spec.get("capacity_gib"), False, spec["model"], spec["setting"]
         )
-        failed = [f"{r['method']}: {r['status']}: {r.get('message', '')}" for r in rows if r["status"] not in OUTCOMES]
+        failed = [(r["method"], f"{r['status']}: {r.get('message', '')}") for r in rows if r["status"] not in OUTCOMES]
         return {
             "results": {"cells": rows},
             "targets": [ran("every cell gave a result", failed), *maybe_unjudged(targets, dry)],

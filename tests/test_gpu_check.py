@@ -199,3 +199,9 @@ def test_engine_imports_from_this_checkout_when_not_installed(gc, monkeypatch):
     assert sys.path[0] == str(links) and os.environ["PYTHONPATH"] == f"{links}{os.pathsep}/elsewhere"
     assert (links / "dpzo_triton").resolve() == (REPO / "kernels").resolve()
     assert (links / "dpzo_csrc" / "dpzo_cpu.cpp").exists() and (links / "dpzo_engine" / "ops").is_dir()
+
+
+def test_failed_cases_are_grouped_by_error(gc):
+    assert gc.ran("every case ran", [])["pass"] is True
+    t = gc.ran("every case ran", [("gaussian J=1", "E: boom"), ("rademacher J=1", "E: boom"), ("J=65", "F: other")])
+    assert t["pass"] is False and t["measured"] == "gaussian J=1, rademacher J=1: E: boom; J=65: F: other"
