@@ -1,8 +1,23 @@
-"""Training configuration: one dataclass, the CLI flags that set it, and its validation.
+"""Training configuration: the TrainConfig dataclass is the one source of every flag.
 
-A config file (JSON or YAML, ``--config``) may set the same keys (underscored or
-dashed); flags given on the command line win.  Validation happens before anything is
-written, so bad input ends with one line on stderr and nothing half-written.
+Each field is declared with ``option(default, help, group=...)``; the parser
+(``build_parser``), the config-file keys (``--config``, JSON or YAML, underscored or dashed,
+values coerced to the field's type) and the README's flag table all come from it. Flags
+given on the command line win over the file. ``validate`` checks every field and resolves
+the defaults that depend on other values (K per method, lr per family, batch size,
+stagewise options) in one place, before anything is written or loaded.
+
+Adding a flag: add a field to TrainConfig in the section of its group,
+
+    my_knob: float | None = option(None, "what it does and why one would set it", group="method",
+                                   shown="what None resolves to")
+
+with the type it takes (bool, int, float or str, optionally ``| None``), ``choices=`` when its
+values are enumerated (a tuple, or a callable for a registry), ``aliases=("-k",)`` for short
+names and ``identity=False`` if a resumed run may change it. Then check it in ``validate``
+(ranges, combinations) and resolve it there if its default depends on other values, use it
+where it applies, and regenerate the README's table: ``python -m dpzo_engine.run.config README.md``
+(a test fails while the table is stale).
 """
 
 from __future__ import annotations
@@ -11,85 +26,237 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import ops
 from ..core import stream
 from ..core.errors import ConfigError
+from ..data import TASKS
+from ..data.squad import SQUAD_MAX_LENGTH
+from ..data.tasks import DEFAULT_MAX_LENGTH, TWEET_MAX_LENGTH
+from ..heads import HEAD_CHOICES
+from ..zo import pruning
 from ..zo.private_zo import ZOOptions
 from ..zo.stagewise import StageOptions
+from . import options
+from .options import UINT64, option
 
 METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo", "dp-adamw", "adamw")
 PRIVATE_METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "dp-adamw")
 STAGEWISE_METHODS = ("dp-zoso", "dp-zopo")  # DP-AggZO's rule + stage schedule (+ mask): stagewise.py
 CLIPPINGS = ("auto", "joint", "per-direction")
-FIRST_ORDER_METHODS = ("dp-adamw", "adamw")  # backprop baselines (dpzo_engine/first_order.py)
+FIRST_ORDER_METHODS = ("dp-adamw", "adamw")  # backprop baselines (run/first_order/)
 OPACUS_MODES = ("auto", "ghost", "fast", "hooks")
+DTYPES = ("float32", "bfloat16")
+
+# Defaults that depend on other values, resolved in ``validate`` (and quoted by the help texts).
 DEFAULT_LR = {"zo": 5e-2, "first_order": 5e-4}  # when --lr is not given (zo: tuned for the embedded default)
 # K when --num-directions is not given: the papers' settings (DP-AggZO K = 64; the others one direction)
 DEFAULT_DIRECTIONS = {"dp-aggzo": 64, "dp-aggzo-perdir": 64}
-DTYPES = ("float32", "bfloat16")
+DEFAULT_BATCH_SIZE = 128  # when neither --batch-size nor --sample-rate is given
+_STAGE = {f.name: f.default for f in dataclasses.fields(StageOptions)}
+STAGE_DEFAULTS = {  # dp-zoso / dp-zopo, when not given (the rest as StageOptions has them)
+    "stages": 3,
+    "lr_decay": _STAGE["lr_decay"],
+    "keep_fraction": _STAGE["keep_fraction"],
+    "mask_strategy": _STAGE["mask_strategy"],
+    "prune_queries": _STAGE["prune_queries"],
+    "rank_bins": _STAGE["rank_bins"],
+}
+MASK_KEYS = ("keep_fraction", "mask_strategy", "prune_queries", "rank_bins")
+
+GROUPS = {  # argument groups of --help and the README, in this order
+    "data": "model and data",
+    "method": "method",
+    "privacy": "privacy",
+    "stagewise": "stagewise schedule and pruning (dp-zoso, dp-zopo)",
+    "first_order": "first-order baselines (dp-adamw, adamw)",
+    "bookkeeping": "evaluation, logging and output",
+}
+
+
+def _lr_defaults() -> str:
+    return f"{DEFAULT_LR['zo']:g} for ZO methods, {DEFAULT_LR['first_order']:g} for dp-adamw and adamw"
+
+
+def _k_defaults() -> str:
+    by_k: dict[int, list[str]] = {}
+    for method, k in DEFAULT_DIRECTIONS.items():
+        by_k.setdefault(k, []).append(method)
+    return ", ".join(f"{k} for {' and '.join(ms)}" for k, ms in by_k.items()) + ", else 1"
 
 
 @dataclass
 class TrainConfig:
-    # what to train
-    model: str = "minilm"
-    task: str = "tweet-sentiment"
-    data_dir: str | None = None
-    head: str = "auto"  # loss head (see heads.HEAD_CHOICES); auto: from the task and the kind of model
-    k_shot: int | None = None  # training examples per class (LM-BFF); None: the task's default
-    num_train: int | None = None  # training examples in all (MeZO: 1000); excludes k_shot
-    num_dev: int | None = None  # with num_train: dev examples drawn from train too (MeZO: 500)
-    data_seed: int | None = None  # seed of the data splits (LM-BFF: 13, 21, 42, 87, 100); None: --seed
-    max_new_tokens: int = 50  # causal-generation: greedy decoding budget when evaluating
-    trainable: str = "head"
-    max_length: int | None = None  # tokens per example; None: the task's (tweets 48, classification 128, SQuAD 512)
-    dtype: str = "float32"
-    device: str = "auto"
-    backend: str = "auto"
-    # method
-    method: str = "dp-aggzo"
-    num_directions: int | None = None  # None: DEFAULT_DIRECTIONS (64 for DP-AggZO), else 1
-    difference: str = "central"
-    direction_kind: str = "gaussian"
-    zo_eps: float = 1e-3
-    lr: float | None = None  # None: DEFAULT_LR of the method's family
-    rounding: str = "auto"
-    clipping: str = "auto"  # private ZO: per-direction for dp-aggzo-perdir, else joint
-    # stagewise schedule and data-free mask (dp-zoso, dp-zopo); None: the method's default
-    stages: int | None = None  # 3
-    lr_decay: float | None = None  # 0.5
-    zo_scale_start: float | None = None  # --zo-eps
-    zo_scale_end: float | None = None  # zo_scale_start
-    prox: float = 0.0
-    keep_fraction: float | None = None  # 0.01 (dp-zopo)
-    mask_strategy: str | None = None  # static (dp-zopo)
-    prune_queries: int | None = None  # 4 (dp-zopo)
-    rank_bins: int | None = None  # 0 (dp-zopo)
-    # first-order baselines (dp-adamw, adamw)
-    weight_decay: float = 0.0
-    opacus_mode: str = "auto"
-    physical_batch_size: int | None = None  # None: each Poisson batch in one forward/backward
-    # privacy
-    epsilon: float = 2.0
-    delta: float = 1e-5
-    clip: float = 1.0
-    sample_rate: float | None = None
-    batch_size: int | None = None  # None with no sample_rate: 128
-    count_share: float = 0.0
-    noise_seed: int | None = None
-    # schedule
-    steps: int = 100
-    seed: int = 0
-    eval_every: int = 0
-    log_every: int = 10
-    save_every: int = 25
-    eval_batch_size: int = 64
-    max_eval_examples: int | None = None
-    output_dir: str = "runs/default"
-    resume: bool = False
+    # ---------------------------------------------------------------- model and data
+    model: str = option(
+        "minilm", "local model directory, 'minilm' (offline, from PyPI), or a hub id when online", group="data"
+    )
+    task: str = option("tweet-sentiment", "task name (see the task table)", group="data", choices=lambda: tuple(TASKS))
+    data_dir: str | None = option(
+        None,
+        "directory or file with the task's data (local layouts: CSV, TSV, JSONL, load_from_disk)",
+        group="data",
+        shown="the task's own source",
+        metavar="PATH",
+    )
+    head: str = option(
+        "auto", "loss head; auto: from the task and the kind of model", group="data", choices=HEAD_CHOICES
+    )
+    k_shot: int | None = option(
+        None,
+        "training examples per class (LM-BFF; also picks data/k-shot/<TASK>/<k>-<seed>/)",
+        group="data",
+        shown="the task's",
+    )
+    num_train: int | None = option(
+        None, "training examples in all, drawn at random (MeZO's 1000); excludes --k-shot", group="data"
+    )
+    num_dev: int | None = option(
+        None, "with --num-train: dev examples drawn from the training set too", group="data", shown="the task's"
+    )
+    data_seed: int | None = option(
+        None,
+        "seed of the data splits (LM-BFF: 13, 21, 42, 87, 100)",
+        group="data",
+        shown="--seed",
+        bounds=UINT64,
+    )
+    max_length: int | None = option(
+        None,
+        "tokens per example; longer ones are truncated, and a note on stderr says how many training "
+        "examples fill it (a local diagnostic, written to no file)",
+        group="data",
+        shown=f"the task's: tweets {TWEET_MAX_LENGTH}, classification {DEFAULT_MAX_LENGTH}, CB and BBC 256, "
+        f"BoolQ 384, SQuAD {SQUAD_MAX_LENGTH}",
+    )
+    max_new_tokens: int = option(50, "causal-generation: tokens decoded greedily per answer", group="data")
+    trainable: str = option(
+        "head",
+        "which parameters train: all, head, last:N, bias, layernorm, embeddings, re:<regex>; comma-joined",
+        group="data",
+    )
+    dtype: str = option("float32", "parameter dtype", group="data", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", group="data", identity=False)
+    # ---------------------------------------------------------------- method
+    method: str = option("dp-aggzo", "training method (see Methods)", group="method", choices=METHODS)
+    num_directions: int | None = option(
+        None, "K directions per step", group="method", aliases=("-K",), shown=_k_defaults()
+    )
+    difference: str = option(
+        "central",
+        "central: 2K forwards, 2K+1 passes over θ; forward: K+1 forwards, K+1 passes",
+        group="method",
+        choices=("central", "forward"),
+    )
+    direction_kind: str = option("gaussian", "distribution of the directions", group="method", choices=stream.KINDS)
+    zo_eps: float = option(1e-3, "perturbation scale λ", group="method")
+    lr: float | None = option(None, "learning rate η", group="method", shown=_lr_defaults())
+    rounding: str = option(
+        "auto", "update rounding; auto: stochastic for bfloat16", group="method", choices=("auto", *ops.ROUNDINGS)
+    )
+    backend: str = option("auto", "kernel backend", group="method", choices=ops.BACKENDS)
+    steps: int = option(100, "training steps T", group="method")
+    seed: int = option(0, "public master seed of the directions and the data splits", group="method", bounds=UINT64)
+    # ---------------------------------------------------------------- privacy
+    epsilon: float = option(2.0, "target ε; σ is calibrated for it with the PRV accountant", group="privacy")
+    delta: float = option(1e-5, "target δ", group="privacy")
+    clip: float = option(
+        1.0,
+        "clipping threshold C: L2 bound on each example's K-vector after the 1/K scale (dp-adamw: on the gradient)",
+        group="privacy",
+    )
+    clipping: str = option(
+        "auto",
+        "ZO clipping; auto: per-direction for dp-aggzo-perdir, else joint",
+        group="privacy",
+        choices=CLIPPINGS,
+    )
+    sample_rate: float | None = option(None, "Poisson sampling rate q (instead of --batch-size)", group="privacy")
+    batch_size: int | None = option(
+        None, "expected batch size q·n (instead of --sample-rate)", group="privacy", shown=str(DEFAULT_BATCH_SIZE)
+    )
+    count_share: float = option(
+        0.0, "share of ε spent on a Laplace-noised dataset size (0: n is public)", group="privacy"
+    )
+    noise_seed: int | None = option(
+        None,
+        "DEBUG ONLY: fixed seed for sampling and noise; the run is then NOT private, and a warning says so",
+        group="privacy",
+        bounds=UINT64,
+    )
+    # ---------------------------------------------------------------- stagewise (dp-zoso, dp-zopo)
+    stages: int | None = option(
+        None,
+        "S stages of doubling length I, 2I, 4I, ... covering --steps",
+        group="stagewise",
+        shown=str(STAGE_DEFAULTS["stages"]),
+    )
+    lr_decay: float | None = option(
+        None, "learning-rate factor at each stage boundary", group="stagewise", shown=f"{STAGE_DEFAULTS['lr_decay']:g}"
+    )
+    zo_scale_start: float | None = option(None, "λ of the first stage", group="stagewise", shown="--zo-eps")
+    zo_scale_end: float | None = option(
+        None, "λ of the last stage, geometric in between", group="stagewise", shown="--zo-scale-start"
+    )
+    prox: float = option(0.0, "proximal weight ρ towards the stage's start (keeps a copy of θ)", group="stagewise")
+    keep_fraction: float | None = option(
+        None,
+        "dp-zopo: fraction of the trainable parameters the data-free mask trains",
+        group="stagewise",
+        shown=f"{STAGE_DEFAULTS['keep_fraction']:g}",
+    )
+    mask_strategy: str | None = option(
+        None,
+        "dp-zopo: static mask, dynamic (new mask each stage) or incremental (the mask grows)",
+        group="stagewise",
+        choices=pruning.STRATEGIES,
+        shown=STAGE_DEFAULTS["mask_strategy"],
+    )
+    prune_queries: int | None = option(
+        None, "dp-zopo: ZO probes of the data-free score", group="stagewise", shown=str(STAGE_DEFAULTS["prune_queries"])
+    )
+    rank_bins: int | None = option(
+        None,
+        "dp-zopo: rank multipliers 1.2..0.8 in N bins, N bits per parameter (0: off)",
+        group="stagewise",
+        shown=str(STAGE_DEFAULTS["rank_bins"]),
+    )
+    # ---------------------------------------------------------------- first-order baselines
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", group="first_order")
+    opacus_mode: str = option(
+        "auto",
+        "dp-adamw per-example clipping; auto: ghost, or fast when parameters are tied",
+        group="first_order",
+        choices=OPACUS_MODES,
+    )
+    physical_batch_size: int | None = option(
+        None,
+        "split each Poisson batch into chunks of this size",
+        group="first_order",
+        shown="each batch in one forward/backward",
+    )
+    # ---------------------------------------------------------------- evaluation, logging and output
+    eval_every: int = option(
+        0,
+        "evaluate on the dev split every N steps (0: only the test split, at the end)",
+        group="bookkeeping",
+        identity=False,
+    )
+    eval_batch_size: int = option(64, "examples per evaluation batch", group="bookkeeping", identity=False)
+    max_eval_examples: int | None = option(
+        None, "cap on the examples of each evaluation", group="bookkeeping", shown="all"
+    )
+    log_every: int = option(
+        10, "log metrics (and compute ε exactly) every N steps", group="bookkeeping", identity=False
+    )
+    save_every: int = option(25, "checkpoint every N steps", group="bookkeeping", identity=False)
+    output_dir: str = option("runs/default", "where the run goes", group="bookkeeping", identity=False, metavar="DIR")
+    resume: bool = option(
+        False, "continue the run in --output-dir after an interruption", group="bookkeeping", identity=False
+    )
 
     @property
     def private(self) -> bool:
@@ -110,6 +277,7 @@ class TrainConfig:
     def stage_options(self) -> StageOptions:
         """The stage schedule, mask and proximal term this config asks for, as plain values."""
         staged = self.method in STAGEWISE_METHODS
+        given = {k: getattr(self, k) for k in STAGE_DEFAULTS if k != "stages" and getattr(self, k) is not None}
         return StageOptions(
             steps=self.steps,
             lr=self.lr,
@@ -118,15 +286,11 @@ class TrainConfig:
             kind=self.direction_kind,
             rounding=self.update_rounding(),
             stages=self.stages if staged else None,
-            lr_decay=self.lr_decay if self.lr_decay is not None else 0.5,
             zo_scale_start=self.zo_scale_start,
             zo_scale_end=self.zo_scale_end,
             prox=self.prox,
             mask=self.method == "dp-zopo",
-            keep_fraction=self.keep_fraction if self.keep_fraction is not None else 0.01,
-            mask_strategy=self.mask_strategy or "static",
-            prune_queries=self.prune_queries if self.prune_queries is not None else 4,
-            rank_bins=self.rank_bins if self.rank_bins is not None else 0,
+            **given,
         )
 
     def zo_options(self) -> ZOOptions:
@@ -147,10 +311,11 @@ class TrainConfig:
         )
 
     def identity(self) -> dict:
-        """The keys that define a run: a resume must match them exactly."""
+        """The keys that define a run: a resume must match them exactly (bookkeeping may change)."""
         d = dataclasses.asdict(self)
-        for k in ("resume", "output_dir", "eval_every", "log_every", "save_every", "eval_batch_size", "device"):
-            d.pop(k)
+        for f in options.flags(TrainConfig):
+            if not f.identity:
+                d.pop(f.name)
         return d
 
     def to_json(self) -> str:
@@ -158,29 +323,26 @@ class TrainConfig:
 
 
 def _finite_positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"--{name} must be a positive finite number, got {value!r}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every field; resolve method-implied values (DPZero has K = 1)."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
-    if cfg.num_directions is None:
-        cfg.num_directions = DEFAULT_DIRECTIONS.get(cfg.method, 1)
+    """Check every field (types and choices first: a TrainConfig built in Python gets the CLI's
+    checks too), then resolve the defaults that depend on other values."""
+    options.check_types(cfg)
+    resolve_defaults(cfg)
     if cfg.method == "dpzero" and cfg.num_directions != 1:
         raise ConfigError("--method dpzero uses one direction per step; drop --num-directions or set it to 1")
-    if not isinstance(cfg.num_directions, int) or not 1 <= cfg.num_directions <= ops.MAX_DIRECTIONS_PER_PASS - 1:
+    if not 1 <= cfg.num_directions <= ops.MAX_DIRECTIONS_PER_PASS - 1:
         raise ConfigError(f"--num-directions must be an integer in [1, {ops.MAX_DIRECTIONS_PER_PASS - 1}]")
-    if cfg.lr is None:
-        cfg.lr = DEFAULT_LR["first_order" if cfg.method in FIRST_ORDER_METHODS else "zo"]
     if cfg.method in FIRST_ORDER_METHODS:
         _validate_first_order(cfg)
     for name in ("zo_eps", "lr", "clip"):
         _finite_positive(name.replace("_", "-"), getattr(cfg, name))
     if cfg.private:
         _finite_positive("epsilon", cfg.epsilon)
-        if not (isinstance(cfg.delta, int | float) and 0 < cfg.delta < 1):
+        if not 0 < cfg.delta < 1:
             raise ConfigError(f"--delta must be in (0, 1), got {cfg.delta!r}")
     if not 0 <= cfg.count_share < 1:
         raise ConfigError(f"--count-share must be in [0, 1), got {cfg.count_share!r}")
@@ -189,84 +351,76 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError("give --sample-rate or --batch-size, not both")
         if not 0 < cfg.sample_rate <= 1:
             raise ConfigError(f"--sample-rate must be in (0, 1], got {cfg.sample_rate!r}")
-    elif cfg.batch_size is None:
-        cfg.batch_size = 128
-    if cfg.batch_size is not None and not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
+    elif cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {cfg.batch_size!r}")
     _validate_task_options(cfg)
     for name in ("steps", "max_length", "eval_batch_size", "log_every", "save_every"):
         v = getattr(cfg, name)
-        if v is None and name == "max_length":
-            continue  # the task's length
-        if not isinstance(v, int) or v < 1:
+        if v is not None and v < 1:  # max_length None: the task's length
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if cfg.eval_every < 0:
         raise ConfigError("--eval-every must be >= 0 (0: evaluate only at the end)")
-    choices = {
-        "difference": ("central", "forward"),
-        "direction_kind": stream.KINDS,
-        "dtype": DTYPES,
-        "backend": ops.BACKENDS,
-        "rounding": ("auto", *ops.ROUNDINGS),
-    }
-    for name, allowed in choices.items():
-        value = getattr(cfg, name)
-        if value not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
     _validate_stagewise(cfg)
     return cfg
 
 
-def _validate_task_options(cfg: TrainConfig) -> None:
-    """--head and the data sizes (issue 4: the papers' heads and tasks)."""
-    from ..heads import HEAD_CHOICES
+def resolve_defaults(cfg: TrainConfig) -> None:
+    """The one place where defaults that depend on other values are filled in (fields left None).
+    Stagewise options are refused for the other methods first, so they are only filled for theirs."""
+    if cfg.num_directions is None:
+        cfg.num_directions = DEFAULT_DIRECTIONS.get(cfg.method, 1)
+    if cfg.lr is None:
+        cfg.lr = DEFAULT_LR["first_order" if cfg.method in FIRST_ORDER_METHODS else "zo"]
+    if cfg.sample_rate is None and cfg.batch_size is None:
+        cfg.batch_size = DEFAULT_BATCH_SIZE
+    _check_stagewise_applies(cfg)
+    if cfg.method in STAGEWISE_METHODS:
+        keys = STAGE_DEFAULTS if cfg.method == "dp-zopo" else {k: STAGE_DEFAULTS[k] for k in ("stages", "lr_decay")}
+        for key, default in keys.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, default)
+        cfg.zo_scale_start = cfg.zo_eps if cfg.zo_scale_start is None else cfg.zo_scale_start
+        cfg.zo_scale_end = cfg.zo_scale_start if cfg.zo_scale_end is None else cfg.zo_scale_end
 
-    if cfg.head not in HEAD_CHOICES:
-        raise ConfigError(f"--head must be one of {', '.join(HEAD_CHOICES)}; got {cfg.head!r}")
+
+def _validate_task_options(cfg: TrainConfig) -> None:
+    """The data sizes (issue 4: the papers' heads and tasks)."""
     for name in ("k_shot", "num_train", "num_dev", "max_new_tokens"):
         v = getattr(cfg, name)
-        if v is not None and not (isinstance(v, int) and v >= 1):
+        if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if cfg.k_shot is not None and cfg.num_train is not None:
         raise ConfigError("give --k-shot (examples per class) or --num-train (examples in all), not both")
-    if cfg.data_seed is not None and not isinstance(cfg.data_seed, int):
-        raise ConfigError(f"--data-seed must be an integer, got {cfg.data_seed!r}")
 
 
-def _validate_stagewise(cfg: TrainConfig) -> None:
-    """--clipping and the DP-ZOSO/DP-ZOPO knobs: resolve defaults, refuse them where they'd be ignored."""
-    from ..zo.pruning import check_options
-    from ..zo.schedules import StageSchedule
-
-    if cfg.clipping not in CLIPPINGS:
-        raise ConfigError(f"--clipping must be one of {', '.join(CLIPPINGS)}; got {cfg.clipping!r}")
+def _check_stagewise_applies(cfg: TrainConfig) -> None:
+    """--clipping and the DP-ZOSO/DP-ZOPO knobs: refused where they would be ignored."""
     if cfg.clipping != "auto" and (not cfg.private or cfg.method in FIRST_ORDER_METHODS):
         raise ConfigError(f"--clipping applies to the private ZO methods, not to --method {cfg.method}")
     if cfg.method == "dp-aggzo-perdir" and cfg.clipping == "joint":
         raise ConfigError("--method dp-aggzo-perdir clips per direction; use --method dp-aggzo for joint clipping")
     stage_keys = ("stages", "lr_decay", "zo_scale_start", "zo_scale_end")
-    mask_keys = ("keep_fraction", "mask_strategy", "prune_queries", "rank_bins")
-    given = [k for k in (*stage_keys, *mask_keys) if getattr(cfg, k) is not None] + (["prox"] if cfg.prox else [])
+    given = [k for k in (*stage_keys, *MASK_KEYS) if getattr(cfg, k) is not None] + (["prox"] if cfg.prox else [])
     if cfg.method not in STAGEWISE_METHODS:
         if given:
             raise ConfigError(f"--{given[0].replace('_', '-')} applies to --method dp-zoso or dp-zopo only")
         return
-    masked = [k for k in given if k in mask_keys]
+    masked = [k for k in given if k in MASK_KEYS]
     if cfg.method != "dp-zopo" and masked:
         raise ConfigError(f"--{masked[0].replace('_', '-')} applies to --method dp-zopo only (DP-ZOSO has no mask)")
-    if not (isinstance(cfg.prox, int | float) and math.isfinite(cfg.prox) and cfg.prox >= 0):
+
+
+def _validate_stagewise(cfg: TrainConfig) -> None:
+    """The resolved DP-ZOSO/DP-ZOPO schedule and mask options."""
+    from ..zo.schedules import StageSchedule
+
+    if cfg.method not in STAGEWISE_METHODS:
+        return
+    if not (math.isfinite(cfg.prox) and cfg.prox >= 0):
         raise ConfigError(f"--prox must be a finite number >= 0, got {cfg.prox!r}")
-    cfg.stages = 3 if cfg.stages is None else cfg.stages
-    cfg.lr_decay = 0.5 if cfg.lr_decay is None else cfg.lr_decay
-    cfg.zo_scale_start = cfg.zo_eps if cfg.zo_scale_start is None else cfg.zo_scale_start
-    cfg.zo_scale_end = cfg.zo_scale_start if cfg.zo_scale_end is None else cfg.zo_scale_end
     StageSchedule(cfg.steps, cfg.stages, cfg.lr, cfg.zo_scale_start, cfg.zo_scale_end, cfg.lr_decay)  # checks them
     if cfg.method == "dp-zopo":
-        cfg.keep_fraction = 0.01 if cfg.keep_fraction is None else cfg.keep_fraction
-        cfg.mask_strategy = "static" if cfg.mask_strategy is None else cfg.mask_strategy
-        cfg.prune_queries = 4 if cfg.prune_queries is None else cfg.prune_queries
-        cfg.rank_bins = 0 if cfg.rank_bins is None else cfg.rank_bins
-        check_options(cfg.keep_fraction, cfg.mask_strategy, cfg.prune_queries, cfg.rank_bins)
+        pruning.check_options(cfg.keep_fraction, cfg.mask_strategy, cfg.prune_queries, cfg.rank_bins)
 
 
 def _validate_first_order(cfg: TrainConfig) -> None:
@@ -277,122 +431,65 @@ def _validate_first_order(cfg: TrainConfig) -> None:
             f"--resume is not supported for --method {cfg.method} (first-order runs keep no checkpoints); "
             "start again in a fresh --output-dir"
         )
-    if cfg.opacus_mode not in OPACUS_MODES:
-        raise ConfigError(f"--opacus-mode must be one of {', '.join(OPACUS_MODES)}; got {cfg.opacus_mode!r}")
     if cfg.method == "adamw" and cfg.opacus_mode != "auto":
         raise ConfigError("--opacus-mode applies to --method dp-adamw only (adamw is not private)")
     wd = cfg.weight_decay
-    if not (isinstance(wd, int | float) and math.isfinite(wd) and wd >= 0):
+    if not (math.isfinite(wd) and wd >= 0):
         raise ConfigError(f"--weight-decay must be a finite number >= 0, got {wd!r}")
     pb = cfg.physical_batch_size
-    if pb is not None and not (isinstance(pb, int) and pb >= 1):
+    if pb is not None and pb < 1:
         raise ConfigError(f"--physical-batch-size must be a positive integer, got {pb!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(
+    """The trainer's parser, generated from TrainConfig (groups, choices, aliases, defaults in the help)."""
+    p = options.build_parser(
+        TrainConfig,
+        GROUPS,
         prog="python -m dpzo_engine.train",
-        description="Differentially private zeroth-order fine-tuning (DP-AggZO, DPZero, MeZO). "
-        "With no arguments: MiniLM-L6 on real tweet sentiment, DP-AggZO at epsilon=2, delta=1e-5.",
+        usage="%(prog)s [--config FILE] [flags]",
+        description="Differentially private zeroth-order fine-tuning (DP-AggZO, DPZero, MeZO, DP-ZOSO, "
+        "DP-ZOPO; DP-AdamW and AdamW as baselines). With no arguments: MiniLM-L6 on real tweet sentiment, "
+        "DP-AggZO at epsilon=2, delta=1e-5. Defaults are in [brackets].",
     )
-    a = p.add_argument
-    a("--config", help="JSON or YAML file with the same keys as these flags")
-    a("--model", help=f"local model directory, 'minilm' (offline, from PyPI), or a hub id when online [{d.model}]")
-    a("--task", help=f"task name (see README) [{d.task}]")
-    a("--data-dir", help="directory or file with the task's data (local layouts: CSV, TSV, JSONL, load_from_disk)")
-    a("--head", help="loss head: auto, sequence-classification, mlm-prompt, causal-prompt, causal-generation [auto]")
-    a("--k-shot", type=int, help="training examples per class (LM-BFF; also picks data/k-shot/<TASK>/<k>-<seed>/)")
-    a("--num-train", type=int, help="training examples in all, drawn at random (MeZO's 1000)")
-    a("--num-dev", type=int, help="with --num-train: dev examples drawn from the training set too [500]")
-    a("--data-seed", type=int, help="seed of the data splits (LM-BFF: 13, 21, 42, 87, 100) [--seed]")
-    a("--max-new-tokens", type=int, help=f"causal-generation: tokens decoded per answer [{d.max_new_tokens}]")
-    a(
-        "--trainable",
-        help=f"which parameters train: all, head, last:N, bias, layernorm, re:<regex>; comma-joined [{d.trainable}]",
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON or YAML file with the same keys as the flags (underscored or dashed); flags given here win",
     )
-    a(
-        "--max-length",
-        type=int,
-        help="tokens per example; longer ones are truncated [the task's: tweets 48, "
-        "classification 128, BoolQ 384, SQuAD 512]",
-    )
-    a("--dtype", help=f"parameter dtype: {', '.join(DTYPES)} [{d.dtype}]")
-    a("--device", help="cpu, cuda, or auto [auto]")
-    a("--backend", help=f"kernel backend: {', '.join(ops.BACKENDS)} [{d.backend}]")
-    a("--method", help=f"{', '.join(METHODS)} [{d.method}]")
-    a("--num-directions", "-K", type=int, help="K directions per step [64 for dp-aggzo(-perdir), else 1]")
-    a("--difference", help=f"central (2K forwards) or forward (K+1 forwards) [{d.difference}]")
-    a("--direction-kind", help=f"gaussian or rademacher directions [{d.direction_kind}]")
-    a("--zo-eps", type=float, help=f"perturbation scale lambda [{d.zo_eps}]")
-    lr_defaults = f"{DEFAULT_LR['zo']:g} for ZO methods, {DEFAULT_LR['first_order']:g} for dp-adamw and adamw"
-    a("--lr", type=float, help=f"learning rate [{lr_defaults}]")
-    a("--rounding", help="update rounding: auto (stochastic for bf16), nearest, stochastic [auto]")
-    a("--weight-decay", type=float, help=f"AdamW decoupled weight decay (dp-adamw, adamw) [{d.weight_decay}]")
-    a(
-        "--opacus-mode",
-        help="dp-adamw per-example clipping: auto (ghost, or fast when parameters are tied), ghost, fast, hooks [auto]",
-    )
-    a("--physical-batch-size", type=int, help="dp-adamw/adamw: split each Poisson batch into chunks of this size")
-    a("--clipping", help="ZO clipping: auto (per-direction for dp-aggzo-perdir, else joint), joint, per-direction")
-    a("--stages", type=int, help="dp-zoso/dp-zopo: S stages of doubling length I, 2I, 4I, ... covering --steps [3]")
-    a("--lr-decay", type=float, help="dp-zoso/dp-zopo: learning-rate factor at each stage boundary [0.5]")
-    a("--zo-scale-start", type=float, help="dp-zoso/dp-zopo: lambda of the first stage [--zo-eps]")
-    a("--zo-scale-end", type=float, help="dp-zoso/dp-zopo: lambda of the last stage, geometric in between [start]")
-    a("--prox", type=float, help="dp-zoso/dp-zopo: proximal weight rho towards the stage's start (keeps a copy) [0]")
-    a("--keep-fraction", type=float, help="dp-zopo: fraction of trainable parameters the mask trains [0.01]")
-    a("--mask-strategy", help="dp-zopo: static, dynamic (new mask each stage), incremental (mask grows) [static]")
-    a("--prune-queries", type=int, help="dp-zopo: ZO probes of the data-free score [4]")
-    a("--rank-bins", type=int, help="dp-zopo: rank multipliers 1.2..0.8 in N bins, N bits per parameter (0: off) [0]")
-    a("--epsilon", type=float, help=f"target epsilon [{d.epsilon}]")
-    a("--delta", type=float, help=f"target delta [{d.delta}]")
-    a(
-        "--clip",
-        type=float,
-        help=f"clipping threshold C on the per-example K-vector scaled by 1/K (dp-adamw: on the gradient) [{d.clip}]",
-    )
-    a("--sample-rate", type=float, help="Poisson sampling rate q (instead of --batch-size)")
-    a("--batch-size", type=int, help="expected batch size q*n [128]")
-    a("--count-share", type=float, help="share of epsilon spent on a Laplace-noised dataset size (0: n public) [0]")
-    a("--noise-seed", type=int, help="DEBUG ONLY: fixed seed for sampling and noise; the run is then NOT private")
-    a("--steps", type=int, help=f"training steps T [{d.steps}]")
-    a("--seed", type=int, help=f"public master seed for directions and data splits [{d.seed}]")
-    a("--eval-every", type=int, help="evaluate on the dev split every N steps (0: only at the end) [0]")
-    a("--log-every", type=int, help=f"log metrics every N steps [{d.log_every}]")
-    a("--save-every", type=int, help=f"checkpoint every N steps [{d.save_every}]")
-    a("--eval-batch-size", type=int, help=f"[{d.eval_batch_size}]")
-    a("--max-eval-examples", type=int, help="cap on test examples evaluated")
-    a("--output-dir", help=f"where the run goes [{d.output_dir}]")
-    a("--resume", action="store_true", help="continue the run in --output-dir after an interruption")
     return p
 
 
-def _load_config_file(path: str) -> dict:
-    f = Path(path)
-    if not f.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        text = f.read_text()
-        if f.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:
-        raise ConfigError(f"config file {path} could not be parsed: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    values = _load_config_file(args.config) if args.config else {}
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "config" and v is not False}
+    """Flags over config-file keys over the dataclass defaults, validated."""
+    given = vars(build_parser().parse_args(argv))
+    path = given.pop("config", None)
+    values = options.load_config_file(TrainConfig, path) if path else {}
     values.update(given)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
     return validate(TrainConfig(**values))
+
+
+def flag_reference() -> str:
+    """The README's flag tables (Markdown), generated from TrainConfig."""
+    return options.flag_table(TrainConfig, GROUPS)
+
+
+README_BEGIN = "<!-- flags: generated by python -m dpzo_engine.run.config README.md -->"
+README_END = "<!-- flags end -->"
+
+
+def _write_readme(path: str) -> None:
+    """Replace the README's flag tables (between the two markers) with the generated ones."""
+    text = Path(path).read_text()
+    head, sep, rest = text.partition(README_BEGIN)
+    _, sep2, tail = rest.partition(README_END)
+    if not (sep and sep2):
+        raise SystemExit(f"{path} has no flag-table markers ({README_BEGIN} ... {README_END})")
+    Path(path).write_text(f"{head}{README_BEGIN}\n{flag_reference()}{README_END}{tail}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 2:
+        _write_readme(sys.argv[1])
+    else:
+        print(flag_reference(), end="")
