@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -208,6 +209,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError (one ``error:`` line) instead of printing usage and exiting."""
 
     def error(self, message: str) -> typing.NoReturn:
+        # "argument -K/--num-directions: must be ..." -> "--num-directions must be ...", as validate words it
+        m = re.fullmatch(r"argument (\S+): (.*)", message, flags=re.DOTALL)
+        if m:
+            names = m.group(1).split("/")
+            message = f"{next((n for n in names if n.startswith('--')), names[0])} {m.group(2)}"
         raise ConfigError(message)
 
 
