@@ -15,7 +15,7 @@ setup(
     # every dpzo_engine subpackage, found (a hand-written list once left one out of the wheel)
     packages=[*find_packages(include=["dpzo_engine", "dpzo_engine.*"]), "dpzo_triton", "dpzo_csrc"],
     package_dir={"dpzo_triton": "kernels", "dpzo_csrc": "csrc"},
-    package_data={"dpzo_csrc": ["*.cpp", "*.h"]},
+    package_data={"dpzo_csrc": ["*.cpp", "*.h", "*.inc"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

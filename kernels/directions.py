@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stream import direction4, interleave4, join64, split64
+from .stream import box_muller, direction4, interleave4, join64, split64
 
 KIND_IDS = {"gaussian": 0, "rademacher": 1}
 DEFAULT_BLOCK = 2048
@@ -50,3 +50,22 @@ def directions(
         enable_fp_fusion=False,
     )
     return out
+
+
+@triton.jit
+def _box_muller_kernel(ua_ptr, ub_ptr, zc_ptr, zs_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < n
+    zc, zs = box_muller(tl.load(ua_ptr + i, mask=valid, other=0.5), tl.load(ub_ptr + i, mask=valid, other=0.5))
+    tl.store(zc_ptr + i, zc, mask=valid)
+    tl.store(zs_ptr + i, zs, mask=valid)
+
+
+def box_muller_values(ua: torch.Tensor, ub: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Testing hook: the Gaussian transform of given fp32 uniforms in [0, 1), (r cos 2 pi ub, r sin 2 pi ub)."""
+    ua, ub = ua.contiguous(), ub.contiguous()
+    zc, zs = torch.empty_like(ua), torch.empty_like(ua)
+    if ua.numel():
+        grid = (triton.cdiv(ua.numel(), block),)
+        _box_muller_kernel[grid](ua, ub, zc, zs, ua.numel(), BLOCK=block, enable_fp_fusion=False)
+    return zc, zs

@@ -6,18 +6,48 @@ stream elements ``4q .. 4q+3``.  Kernels compute per-quad vectors of length BLOC
 
 * Philox is ``tl.randint4x(seed, q)`` with an int64 ``q``: key = (seed lo, seed hi),
   counter = (q lo, q hi, 0, 0), exactly ``dpzo_engine.core.stream.philox4x32_10``.
-* Box-Muller uses Triton's fp32 ``log``/``sqrt``/``cos``/``sin`` (libdevice on GPU, numpy
-  float32 under the interpreter): a few ulp from the correctly rounded reference, well
-  inside the contract's absolute 1e-5.
-* Rademacher and rounding bits are pure integer work, so they match the reference exactly.
+* Box-Muller is stream version 2's exact fp32 transform (``dpzo_engine.core.gaussian``),
+  written as explicit fp32 operations in the reference's order: ``+ - *`` on fp32 tensors,
+  ``tl.div_rn`` and ``tl.sqrt_rn`` (correctly rounded; plain ``/`` and ``tl.sqrt`` are
+  approximate on GPU), sign flips as bit operations, and no FMA: every kernel launches with
+  ``enable_fp_fusion=False`` (LLVM does not contract and ptxas runs with ``--fmad=false``).
+  No intermediate is ever subnormal, so flush-to-zero cannot change a result.  The
+  interpreter runs the same operations in numpy float32, so a compiled GPU kernel, the
+  interpreter, the C++ kernels and the PyTorch reference give the same bits.
+* Rademacher and rounding bits are pure integer work.
 """
 
 import triton
 import triton.language as tl
 
-UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)  # fp32 constant of tl.rand
-BOX_MULLER_MIN_U = tl.constexpr(1.0e-7)
-TWO_PI = tl.constexpr(6.283185307179586)  # becomes fp32(2*pi) in the fp32 multiply
+# stream v2 constants: exact fp32 values, the same as dpzo_engine.core.gaussian (sources cited there)
+UNIFORM_SCALE = tl.constexpr(float.fromhex("0x1.fffffep-32"))
+MIN_U = tl.constexpr(float.fromhex("0x1.ad7f2ap-24"))
+SPLIT_12 = tl.constexpr(4097.0)
+SPLIT_18 = tl.constexpr(262145.0)
+TAIL_CUTOFF = tl.constexpr(2.0**-12)
+LN2_HI = tl.constexpr(float.fromhex("0x1.62e3p-1"))
+LN2_LO = tl.constexpr(float.fromhex("0x1.2fefa2p-17"))
+LG1 = tl.constexpr(float.fromhex("0x1.555554p-1"))
+LG2 = tl.constexpr(float.fromhex("0x1.999c26p-2"))
+LG3 = tl.constexpr(float.fromhex("0x1.23d3dcp-2"))
+LG4 = tl.constexpr(float.fromhex("0x1.f13c4cp-3"))
+K1A = tl.constexpr(float.fromhex("0x1.921f8p-1"))
+K1B = tl.constexpr(float.fromhex("0x1.aa21fap-20"))
+K1F = tl.constexpr(float.fromhex("0x1.921fb6p-1"))
+K3A = tl.constexpr(float.fromhex("-0x1.48p-4"))
+K3B = tl.constexpr(float.fromhex("-0x1.5de72ep-11"))
+K3F = tl.constexpr(float.fromhex("-0x1.4abbcep-4"))
+K5 = tl.constexpr(float.fromhex("0x1.466bbep-9"))
+K7 = tl.constexpr(float.fromhex("-0x1.32cc14p-15"))
+K9 = tl.constexpr(float.fromhex("0x1.4c32e2p-22"))
+C2A = tl.constexpr(float.fromhex("-0x1.3bep-2"))
+C2B = tl.constexpr(float.fromhex("0x1.866c84p-15"))
+C2F = tl.constexpr(float.fromhex("-0x1.3bd3ccp-2"))
+C4 = tl.constexpr(float.fromhex("0x1.03c1f0p-6"))
+C6 = tl.constexpr(float.fromhex("-0x1.55d3c0p-12"))
+C8 = tl.constexpr(float.fromhex("0x1.e1eb4ap-19"))
+C10 = tl.constexpr(float.fromhex("-0x1.a19370p-26"))
 
 
 def split64(value: int) -> tuple[int, int]:
@@ -53,12 +83,106 @@ def uniform(w):
 
 
 @triton.jit
+def neg(x):
+    """-x as a sign flip (-0.0 for +0.0, as torch and C++ negate), whatever Triton lowers ``-x`` to."""
+    return (x.to(tl.int32, bitcast=True) ^ -2147483648).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split(x, splitter: tl.constexpr):
+    """Veltkamp's split: (hi, lo) with x = hi + lo exactly."""
+    t = x * splitter
+    hi = t - (t - x)
+    return hi, x - hi
+
+
+@triton.jit
+def fast_two_sum(a, b):
+    """(s, e), s = fl(a + b), a + b = s + e exactly (|a| >= |b| or a == 0)."""
+    s = a + b
+    return s, b - (s - a)
+
+
+@triton.jit
+def ln_pair(a):
+    """ln a as hi + lo for fp32 a in [1e-7, 1) (fdlibm's reduction and polynomial, big terms exact)."""
+    ix = a.to(tl.int32, bitcast=True) + (0x3F800000 - 0x3F3504F3)
+    dk = ((ix >> 23) - 127).to(tl.float32)
+    m = ((ix & 0x7FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True)
+    f = m - 1.0
+    f_h, f_l = split(f, SPLIT_12)
+    h1 = (f_h * f_h) * 0.5
+    h2 = f_h * f_l + (f_l * f_l) * 0.5
+    s = tl.div_rn(f, f + 2.0)
+    z = s * s
+    w = z * z
+    big_r = z * (LG1 + w * LG3) + w * (LG2 + w * LG4)
+    q = s * ((h1 + h2) + big_r)
+    s1, e1 = fast_two_sum(f, neg(h1))
+    s2, e2 = fast_two_sum(dk * LN2_HI, s1)
+    lo = (((q - h2) + dk * LN2_LO) + e1) + e2
+    return fast_two_sum(s2, lo)
+
+
+@triton.jit
+def radius_pair(u_a):
+    """sqrt(-2 ln max(u_a, 1e-7)) as hi + lo (one Newton step with Dekker's exact square)."""
+    l_h, l_l = ln_pair(tl.maximum(u_a, MIN_U))
+    big_h = l_h * -2.0
+    big_l = l_l * -2.0
+    r_h = tl.sqrt_rn(big_h)
+    p = r_h * r_h
+    r1, r2 = split(r_h, SPLIT_12)
+    err = ((r1 * r1 - p) + (r1 * r2) * 2.0) + r2 * r2
+    resid = ((big_h - p) - err) + big_l
+    return r_h, tl.div_rn(resid, r_h + r_h)
+
+
+@triton.jit
+def sincos_pairs(u):
+    """(quadrant, sin_h, sin_l, cos_h, cos_l) of pi s / 4 where 2 pi u = quadrant pi / 2 + pi s / 4 (SLEEF)."""
+    v = u * 4.0
+    n = v.to(tl.int32)
+    frac = v - n.to(tl.float32)
+    up = frac > 0.5
+    n = tl.where(up, n + 1, n)
+    s = tl.where(up, frac - 1.0, frac) * 2.0
+    s_h, s_l = split(s, SPLIT_18)
+    ss = s * s
+    sh2 = s_h * s_h
+    sh3 = sh2 * s_h
+
+    big, e = fast_two_sum(s_h * K1A, sh3 * K3A)
+    d3 = s_l * ((ss + s * s_h) + sh2)
+    st = tl.where(tl.abs(s) < TAIL_CUTOFF, 0.0, s)
+    sst = st * st
+    tail = (sst * sst) * (st * (K5 + sst * (K7 + sst * K9)))
+    lo = (((sh3 * K3B + d3 * K3F) + tail) + (s_h * K1B + s_l * K1F)) + e
+    sin_h, sin_l = fast_two_sum(big, lo)
+
+    big, e = fast_two_sum(tl.full(s.shape, 1.0, tl.float32), sh2 * C2A)
+    tail = (ss * ss) * (C4 + ss * (C6 + ss * (C8 + ss * C10)))
+    lo = (tail + (sh2 * C2B + (s_l * (s + s_h)) * C2F)) + e
+    cos_h, cos_l = fast_two_sum(big, lo)
+    return n & 3, sin_h, sin_l, cos_h, cos_l
+
+
+@triton.jit
+def times(r_h, r_l, x_h, x_l):
+    return r_h * x_h + (r_h * x_l + r_l * x_h)
+
+
+@triton.jit
 def box_muller(u_a, u_b):
-    """(r cos t, r sin t) with a = max(u_a, 1e-7), r = sqrt(-2 ln a), t = fp32(2 pi) * u_b."""
-    a = tl.maximum(u_a, BOX_MULLER_MIN_U)
-    r = tl.sqrt(-2.0 * tl.log(a))
-    t = TWO_PI * u_b
-    return r * tl.cos(t), r * tl.sin(t)
+    """(r cos 2 pi u_b, r sin 2 pi u_b), r = sqrt(-2 ln max(u_a, 1e-7)): stream v2's exact fp32 transform."""
+    r_h, r_l = radius_pair(u_a)
+    quadrant, sin_h, sin_l, cos_h, cos_l = sincos_pairs(u_b)
+    odd = (quadrant & 1) == 1
+    zc = times(r_h, r_l, tl.where(odd, sin_h, cos_h), tl.where(odd, sin_l, cos_l))
+    zs = times(r_h, r_l, tl.where(odd, cos_h, sin_h), tl.where(odd, cos_l, sin_l))
+    zc = tl.where(((quadrant + 1) & 2) != 0, neg(zc), zc)
+    zs = tl.where((quadrant & 2) != 0, neg(zs), zs)
+    return zc, zs
 
 
 @triton.jit

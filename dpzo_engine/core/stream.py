@@ -6,9 +6,10 @@ same (seed, stream index).  This module is the specification written as code:
 * ``philox4x32_10(k0, k1, c0, c1)`` is Triton's ``tl.randint4x`` (Random123
   Philox4x32-10): key = (seed lo32, seed hi32), counter = (q lo32, q hi32, 0, 0).
 * Gaussian: element ``g`` of the stream is component ``g & 3`` of the four normals that
-  Box-Muller makes from ``Philox(seed, q = g >> 2)`` (Triton's ``randn4x`` layout).
-  Every Box-Muller step is rounded to fp32, and ln/sqrt/cos/sin are *correctly rounded*
-  (evaluated in fp64, rounded once), so the C++ path can match it bit for bit.
+  Box-Muller makes from ``Philox(seed, q = g >> 2)`` (Triton's ``randn4x`` layout:
+  (w0, w1) give components 0 and 1, (w2, w3) components 2 and 3).  The transform is
+  stream version 2's exact fp32 arithmetic (``gaussian.py``), which every backend
+  performs identically, so all of them give the same bits.
 * Rademacher: element ``g`` is +1 if bit ``g & 127`` of the 128 bits of
   ``Philox(seed, q = g >> 7)`` (words w0..w3, bit 0 first) is set, else -1.
 * Seeds are 64-bit: any Python int is taken modulo 2**64 (so -1 and 2**64 - 1 are the
@@ -20,9 +21,9 @@ uint32 words are held in int64 tensors, and the 32x32-bit products are split int
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from . import gaussian
 
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -33,9 +34,10 @@ PHILOX_W0 = 0x9E3779B9  # key schedule (Weyl) increments
 PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 
-UNIFORM_SCALE = 4.6566127342e-10  # fp32 constant of tl.rand: maps [0, 2**31-1] into [0, 1)
-BOX_MULLER_MIN_U = 1.0e-7  # fp32 clamp of the radius uniform (tails end at |z| ~ 5.68)
-TWO_PI = 6.283185307179586  # rounded to fp32 where it is used, as in Triton
+# Version of the direction stream, recorded in every ledger: replay refuses another version.
+# 1: Box-Muller with correctly rounded ln/sqrt/cos/sin (exact on CPU only).
+# 2: Box-Muller in exact fp32 arithmetic (gaussian.py): the same bits on every backend.
+STREAM_VERSION = 2
 
 KINDS = ("gaussian", "rademacher")
 ELEMENTS_PER_COUNTER = {"gaussian": 4, "rademacher": 128}
@@ -122,26 +124,6 @@ def philox4x32_10(seed: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return c0, c1, c2, c3
 
 
-def uint_to_uniform(w: torch.Tensor) -> torch.Tensor:
-    """Triton's uint32 -> [0, 1) map: int32 view, bitwise NOT if negative, fp32, scale."""
-    folded = torch.where(w >= (1 << 31), MASK32 - w, w)
-    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
-
-
-def _round_f32(x64: torch.Tensor) -> torch.Tensor:
-    return x64.to(torch.float32)
-
-
-def box_muller(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r cos t, r sin t) with every step rounded to fp32 and correctly rounded ln/sqrt/cos/sin."""
-    a = torch.clamp_min(u_a, BOX_MULLER_MIN_U)
-    ln_a = _round_f32(torch.log(a.double()))
-    r = _round_f32(torch.sqrt((ln_a * -2.0).double()))  # -2 * ln_a is exact in fp32
-    t = u_b * torch.tensor(TWO_PI, dtype=torch.float32)  # fp32 multiply
-    t64 = t.double()
-    return r * _round_f32(torch.cos(t64)), r * _round_f32(torch.sin(t64))
-
-
 # ---------------------------------------------------------------------------- directions
 def _stream_indices(offset: int, count: int, device: torch.device | str | None) -> torch.Tensor:
     if offset < 0 or offset + count > (1 << 63):
@@ -151,9 +133,11 @@ def _stream_indices(offset: int, count: int, device: torch.device | str | None) 
 
 def gaussian_at(seed: int, g: torch.Tensor) -> torch.Tensor:
     """Gaussian stream values (fp32) at int64 stream indices ``g``."""
-    w0, w1, w2, w3 = philox4x32_10(seed, g >> 2)
-    n0, n1 = box_muller(uint_to_uniform(w0), uint_to_uniform(w1))
-    n2, n3 = box_muller(uint_to_uniform(w2), uint_to_uniform(w3))
+    quads, which = torch.unique_consecutive(g >> 2, return_inverse=True)  # one transform per quad
+    w0, w1, w2, w3 = philox4x32_10(seed, quads)
+    n0, n1 = gaussian.box_muller(gaussian.uniform(w0), gaussian.uniform(w1))
+    n2, n3 = gaussian.box_muller(gaussian.uniform(w2), gaussian.uniform(w3))
+    n0, n1, n2, n3 = n0[which], n1[which], n2[which], n3[which]
     comp = g & 3
     return torch.where(comp == 0, n0, torch.where(comp == 1, n1, torch.where(comp == 2, n2, n3)))
 
@@ -195,5 +179,7 @@ def rounding_bits(seed: int, g: torch.Tensor) -> torch.Tensor:
 
 
 def expected_gaussian_tail() -> float:
-    """Largest |z| the stream can produce: sqrt(-2 ln 1e-7) (the uniform clamp)."""
-    return math.sqrt(-2.0 * math.log(BOX_MULLER_MIN_U))
+    """Largest |z| the stream can produce: the transform at the radius clamp a = 1e-7 with
+    u_b = 0 (cos = 1), about sqrt(-2 ln 1e-7) = 5.678."""
+    zc, _ = gaussian.box_muller(torch.tensor([gaussian.MIN_U]), torch.zeros(1))
+    return float(zc[0])

@@ -1,11 +1,15 @@
-"""C++/OpenMP CPU backend: JIT-builds ``csrc/dpzo_cpu.cpp`` on first use and calls it.
+"""C++/OpenMP CPU backend: JIT-builds ``csrc/`` on first use and calls it.
 
 The extension is built with ninja through ``torch.utils.cpp_extension.load`` into torch's
 extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so only
 the first use after a source change pays the compile (~1 minute on 2 cores).  The flags
-matter for exactness: ``-ffp-contract=off`` keeps ``d + c*z`` as two roundings (no FMA),
+matter for exactness: ``-ffp-contract=off`` keeps every ``a*b + c`` two roundings (no FMA),
 and there is no ``-ffast-math``, so results match the PyTorch reference bit for bit.
-Threads follow ``torch.get_num_threads()``; results do not depend on the thread count.
+
+The stream kernels are compiled three times (scalar, AVX2, AVX-512, each in its own
+translation unit) and the best one the CPU supports runs; ``DPZO_CPU_ISA`` or ``set_isa``
+forces one (all give the same bits).  Threads follow ``torch.get_num_threads()``; results
+do not depend on the thread count either.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import torch
 from ..core import stream
 
 EXTENSION_NAME = "dpzo_cpu"
-SOURCES = ("dpzo_cpu.cpp",)
-HEADERS = ("dpzo_math.h",)  # ninja's depfiles rebuild on header changes
+SOURCES = ("dpzo_cpu.cpp", "isa_scalar.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
+# ninja's depfiles rebuild on changes to these
+HEADERS = ("kernels_api.h", "stream_kernels.inc", "simd_scalar.inc", "simd_avx2.inc", "simd_avx512.inc")
+ISAS = ("scalar", "avx2", "avx512")
 # -fno-math-errno only lets sqrt vectorise (results are unchanged); never -ffast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
@@ -93,6 +99,23 @@ def load() -> ModuleType:
 def ensure_available() -> None:
     """Raise ``BackendUnavailable`` (one line, with the reason) if the kernels cannot be built."""
     load()
+
+
+def isa() -> str:
+    """The instruction-set build the kernels run now: ``scalar``, ``avx2`` or ``avx512``."""
+    return load().isa()
+
+
+def available_isas() -> list[str]:
+    """The builds this CPU can run (``scalar`` always)."""
+    return list(load().available_isas())
+
+
+def set_isa(name: str) -> None:
+    """Force a build (``auto`` = the best available); raises ``ValueError`` if this CPU lacks it."""
+    if name != "auto" and name not in available_isas():
+        raise ValueError(f"this CPU cannot run the {name!r} kernels; available: {available_isas()}")
+    load().set_isa(name)
 
 
 def directions(seed: int, offset: int, count: int, kind: str, device=None) -> torch.Tensor:
