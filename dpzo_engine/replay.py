@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .core import stream
 from .core.errors import ConfigError, UserError, report
 from .run.config import FIRST_ORDER_METHODS, TrainConfig
 from .run.run_dir import RunDir, read_jsonl
@@ -35,6 +36,7 @@ def replay(run_dir: str | Path, backend: str | None = None):
     if cfg.method in FIRST_ORDER_METHODS:
         raise ConfigError(f"{run.path} is a --method {cfg.method} run: only zeroth-order runs replay from their seeds")
     header, steps = run.ledger()
+    stream.check_version(header.get("stream_version"), str(run.ledger_path))
     num_labels = int(header.get("num_labels", 2))
     model, tokenizer, _, flat = build_model(cfg, num_labels, header.get("head", "sequence-classification"))
     if fingerprint(flat) != header["initial_sha256"]:

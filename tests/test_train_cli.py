@@ -52,6 +52,9 @@ def test_run_writes_everything(assets, tmp_path, capsys):
     steps = [m for m in metrics if "loss" in m and "split" not in m]
     assert [m["step"] for m in steps] == [2, 4, 6]
     assert steps[-1]["forwards"] > 0 and steps[-1]["passes"] == 6 * 5  # 2K+1 passes per step
+    # RNG work per trainable weight and step: 4K - 1 direction values (central differences), K = 2
+    assert [m["direction_values_per_weight_step"] for m in steps] == [7.0, 7.0, 7.0]
+    assert summary["direction_values_per_weight_step"] == 7.0
 
 
 def test_max_length_defaults_to_the_tasks_and_truncation_is_noted(assets, tmp_path, capsys):
@@ -75,6 +78,44 @@ def test_replay_reproduces_the_model(assets, tmp_path):
     a = load_file(next((out / "model").glob("*.safetensors")))
     b = load_file(next((tmp_path / "replayed").glob("*.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_trained_with_triton_replays_bit_for_bit_on_the_cpu(assets, tmp_path):
+    """Stream v2: a run made with the Triton kernels (the interpreter here, a GPU in production) rebuilds
+    exactly from its ledger with the C++ kernels and with the PyTorch reference."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    out = tmp_path / "run"
+    assert train_main(base_args(assets, out, "--backend", "triton", "--trainable", "head,last:1", "--steps", "4")) == 0
+    header = json.loads((out / "ledger.jsonl").read_text().splitlines()[0])
+    assert header["backend"] == "triton" and header["stream_version"] == 2 and header["trainable_numel"] > 9_000
+    from dpzo_engine.replay import main as replay_main
+
+    for backend in ("cpu", "reference"):
+        assert replay_main([str(out), "--verify", "--backend", backend]) == 0, backend
+
+
+def test_replay_and_resume_refuse_another_stream_version(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(base_args(assets, out, "--steps", "4")) == 0  # leaves the step-2 checkpoint
+    from dpzo_engine.replay import main as replay_main
+
+    lines = (out / "ledger.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["stream_version"] == 2
+    capsys.readouterr()
+    for recorded in (None, 1, 3):  # no field: a ledger from before versions existed, i.e. version 1
+        edited = {k: v for k, v in header.items() if k != "stream_version"}
+        if recorded is not None:
+            edited["stream_version"] = recorded
+        (out / "ledger.jsonl").write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
+        assert replay_main([str(out)]) == 2
+        assert train_main([*base_args(assets, out, "--steps", "4"), "--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        version = 1 if recorded is None else recorded
+        assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
+        assert all(f"direction stream version {version}" in line for line in err), err
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:

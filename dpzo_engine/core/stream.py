@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import gaussian
+from .errors import ConfigError
 
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -40,6 +41,20 @@ PHILOX_ROUNDS = 10
 STREAM_VERSION = 2
 
 KINDS = ("gaussian", "rademacher")
+
+
+def check_version(recorded: object, source: str) -> None:
+    """Refuse a ledger written with another stream version (one without the field is version 1):
+    its directions are not the ones this code generates, so replaying it would build another model."""
+    version = 1 if recorded is None else recorded
+    if version != STREAM_VERSION:
+        raise ConfigError(
+            f"{source} was written with direction stream version {version}, but this dpzo-engine generates "
+            f"version {STREAM_VERSION}: its directions differ, so the run cannot be replayed or resumed here "
+            "(use the dpzo-engine release that wrote it)"
+        )
+
+
 ELEMENTS_PER_COUNTER = {"gaussian": 4, "rademacher": 128}
 
 # Seed derivation domains: separate streams for directions and for stochastic rounding.

@@ -147,11 +147,17 @@ class TrainConfig:
     )
     difference: str = option(
         "central",
-        "central: 2K forwards, 2K+1 passes over θ; forward: K+1 forwards, K+1 passes",
+        "central: 2K forwards, 2K+1 passes over θ, 4K-1 direction values generated per weight; "
+        "forward: K+1 forwards, K+1 passes, 3K-1 values",
         group="method",
         choices=("central", "forward"),
     )
-    direction_kind: str = option("gaussian", "distribution of the directions", group="method", choices=stream.KINDS)
+    direction_kind: str = option(
+        "gaussian",
+        "distribution of the directions; rademacher (±1 from single random bits) is far cheaper to generate",
+        group="method",
+        choices=stream.KINDS,
+    )
     zo_eps: float = option(1e-3, "perturbation scale λ", group="method")
     lr: float | None = option(None, "learning rate η", group="method", shown=_lr_defaults())
     rounding: str = option(

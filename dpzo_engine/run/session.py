@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import privacy
+from ..core import stream
 from ..core.errors import ConfigError
 from ..core.flat import FlatParams
 from ..data import get_task
@@ -74,7 +75,7 @@ class LossMeter:
             self.clip_errors.append(released.relative_clip_error)
         self.nonfinite += released.nonfinite_rows
 
-    def flush(self, step: int, eps: float | None, counter: PassCounter, elapsed: float) -> dict:
+    def flush(self, step: int, eps: float | None, counter: PassCounter, elapsed: float, numel: int) -> dict:
         def mean(xs: list[float]) -> float:
             return sum(xs) / len(xs) if xs else float("nan")
 
@@ -88,6 +89,9 @@ class LossMeter:
             "epsilon": eps,
             "passes": counter.passes,
             "forwards": counter.forwards,
+            "direction_values": counter.direction_values,
+            # RNG work: direction values generated per trainable weight per step (4K - 1 central, 3K - 1 forward)
+            "direction_values_per_weight_step": counter.direction_values / (numel * step) if step and numel else None,
             "elapsed_s": round(elapsed, 3),
         }
         self.__init__()
@@ -205,6 +209,8 @@ class Session:
         run.save_checkpoint(step, state, self.zo.secret_state())
 
     def _resume(self, run: RunDir) -> None:
+        header, _ = run.ledger()
+        stream.check_version(header.get("stream_version"), f"--resume: {run.ledger_path}")
         state, secret = run.load_checkpoint()
         self.flat.load_buffers([b.to(self.device) for b in state["buffers"]])
         self.zo.load_state_dict(state["zo"])
@@ -234,6 +240,8 @@ class Session:
             "sample_rate": self.sample_rate,
             "passes": self.engine.counter.passes,
             "forwards": self.engine.counter.forwards,
+            "direction_values_per_weight_step": self.engine.counter.direction_values
+            / (self.flat.numel * self.cfg.steps),
             "train_seconds": round(elapsed, 2),
             "output_dir": str(run.path),
             **self.stages.summary(),
@@ -243,7 +251,7 @@ class Session:
 
     def log_progress(self, run: RunDir, bar, done: int, eps: float | None, elapsed: float) -> dict:
         """Flush the running means into metrics.jsonl and the progress bar (loss, ε, fraction clipped)."""
-        row = self._metrics_row(self.loss_meter.flush(done, eps, self.engine.counter, elapsed))
+        row = self._metrics_row(self.loss_meter.flush(done, eps, self.engine.counter, elapsed, self.flat.numel))
         run.log_metrics(row)
         bar.set_postfix(
             loss=f"{row['loss']:.4f}",

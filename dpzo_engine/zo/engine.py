@@ -2,9 +2,15 @@
 
 Central differences (default), 2K forwards and 2K+1 passes over the parameters:
     +λz1 -> L+ ; -2λz1 -> L- ; (+λz1 +λz2) -> L+ ; -2λz2 -> L- ; ... ; -2λzK -> L-
-    last pass (J = K+1): +λzK and the update -η Σ_k g_k z_k
+    last pass (J = K): the update -η Σ_k g_k z_k, with +λ added to zK's coefficient (its restore)
 Forward differences, K+1 forwards and K+1 passes:
-    L0 at θ ; +λz1 -> L1 ; (-λz1 +λz2) -> L2 ; ... ; last pass: -λzK and the update
+    L0 at θ ; +λz1 -> L1 ; (-λz1 +λz2) -> L2 ; ... ; last pass: the update, -λ added to zK's
+
+Direction values generated per weight and step (``PassCounter.direction_values``): 4K - 1
+central, 3K - 1 forward.  Every direction is entered, (central: flipped,) left and applied;
+only the last one's leaving can share its generation with the update, since the other
+directions must be left before the next forward and their update coefficients are known only
+after the last.  Skipping more regeneration would need z stored: a parameter-sized buffer.
 
 The pass sequence depends only on public values (seeds, λ, the released coefficients),
 never on the batch, so a ledger of those values replays training exactly.
@@ -26,10 +32,11 @@ MaskEntry = torch.Tensor | None | list[tuple[torch.Tensor, float]]  # per buffer
 
 @dataclass
 class PassCounter:
-    """How much work a step did: shown in the metrics to make the cost visible."""
+    """How much work the steps did: shown in the metrics to make the cost visible."""
 
-    passes: int = 0
+    passes: int = 0  # sweeps over the parameters
     forwards: int = 0
+    direction_values: int = 0  # direction values generated (each pass: J per element it sweeps)
 
 
 class ZOEngine:
@@ -65,6 +72,7 @@ class ZOEngine:
         for (buf, offset), entry in zip(self.flat, self.masks):
             parts = entry if isinstance(entry, list | tuple) else [(entry, 1.0)]
             sweeps = max(sweeps, len(parts))
+            self.counter.direction_values += len(seeds) * buf.numel() * len(parts)
             for mask, scale in parts:
                 ops.apply_directions(
                     buf,
@@ -138,9 +146,19 @@ class ZOEngine:
         rounding: str = "nearest",
         rounding_seed: int = 0,
     ) -> None:
-        """Restore the last perturbation and apply θ <- θ + Σ_k update_coefs[k] z_k, one pass."""
+        """Restore the last perturbation and apply θ <- θ + Σ_k update_coefs[k] z_k, one pass.
+
+        z_K is both restored and updated: its coefficient is update_coefs[K-1] ± λ (added in fp64,
+        rounded once to fp32), so the pass generates K directions, not K + 1.  A direction whose
+        fp32 coefficient is 0 is left out: it would add ±0 to a sum that is never -0 (exact).
+        """
         restore = zo_eps if self.difference == "central" else -zo_eps
-        self.apply([seeds[-1], *seeds], [restore, *update_coefs], rounding=rounding, rounding_seed=rounding_seed)
+        coefs = [float(c) for c in update_coefs]
+        coefs[-1] += restore
+        fp32 = torch.tensor(coefs, dtype=torch.float32).tolist()
+        kept = [(s, c) for s, c in zip(seeds, fp32) if c != 0.0]
+        if kept:
+            self.apply([s for s, _ in kept], [c for _, c in kept], rounding=rounding, rounding_seed=rounding_seed)
 
     def step(
         self,

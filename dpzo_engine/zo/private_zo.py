@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core import stream
 from ..core.errors import ConfigError
 from ..core.flat import FlatParams
 from ..privacy import GaussianMechanism
@@ -139,14 +140,15 @@ class PrivateZO:
         return {
             "step": self.steps_done,
             "privacy": self.plan.state_dict(),
-            "counter": (counter.passes, counter.forwards),
+            "counter": (counter.passes, counter.forwards, counter.direction_values),
             "stagewise": self.stages.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = int(state["step"])
         self.plan.load_state_dict(state["privacy"])
-        self.engine.counter.passes, self.engine.counter.forwards = state["counter"]
+        counts = (*state["counter"], 0)[:3]  # checkpoints from before direction values were counted hold two
+        self.engine.counter.passes, self.engine.counter.forwards, self.engine.counter.direction_values = counts
         self.stages.load_state_dict(state["stagewise"])
         if self.options.private:  # the released count may have come back with the state
             self.rule.expected_batch_size = self.plan.normalizer
@@ -163,6 +165,7 @@ class PrivateZO:
         o = self.options
         return {
             "method": o.method,
+            "stream_version": stream.STREAM_VERSION,
             "backend": self.engine.backend,
             "direction_kind": o.direction_kind,
             "difference": o.difference,

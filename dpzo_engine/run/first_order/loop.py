@@ -28,6 +28,8 @@ class FirstOrderSession(Session):
     def _metrics_row(self, row: dict) -> dict:
         row["backward_passes"] = row.pop("passes", self.engine.counter.passes)
         row.pop("relative_clip_error", None)  # needs the unclipped gradient sum, which Opacus does not keep
+        for key in ("direction_values", "direction_values_per_weight_step"):  # no random directions here
+            row.pop(key, None)
         return row
 
     def _build_engine(self) -> FirstOrderTrainer:
@@ -87,6 +89,7 @@ class FirstOrderSession(Session):
         self.model.eval()
         summary = super().finalize(run, elapsed)
         summary["backward_passes"] = summary.pop("passes", self.engine.counter.passes)
+        summary.pop("direction_values_per_weight_step", None)
         summary["first_order"] = self.engine.describe()
         run.write_summary(summary)
         return summary
