@@ -159,7 +159,8 @@ def gaussian_at(seed: int, g: torch.Tensor) -> torch.Tensor:
 
 def rademacher_at(seed: int, g: torch.Tensor) -> torch.Tensor:
     """Rademacher stream values (+-1 in fp32) at int64 stream indices ``g``."""
-    words = philox4x32_10(seed, g >> 7)
+    groups, which = torch.unique_consecutive(g >> 7, return_inverse=True)  # one Philox call per 128 values
+    words = [w[which] for w in philox4x32_10(seed, groups)]
     lane = g & 127
     word_idx = lane >> 5
     w = torch.where(
@@ -187,7 +188,8 @@ def reference_directions(seed: int, offset: int, count: int, kind: str = "gaussi
 def rounding_bits(seed: int, g: torch.Tensor) -> torch.Tensor:
     """16 random bits per stream index for stochastic rounding: low half of word g & 3
     of Philox(rounding seed, q = g >> 2)."""
-    w0, w1, w2, w3 = philox4x32_10(seed, g >> 2)
+    quads, which = torch.unique_consecutive(g >> 2, return_inverse=True)
+    w0, w1, w2, w3 = (w[which] for w in philox4x32_10(seed, quads))
     comp = g & 3
     w = torch.where(comp == 0, w0, torch.where(comp == 1, w1, torch.where(comp == 2, w2, w3)))
     return w & 0xFFFF
