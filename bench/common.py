@@ -7,6 +7,7 @@ every example at the full length of its setting (the worst case of a padded batc
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from collections.abc import Callable
@@ -178,6 +179,14 @@ def print_targets(targets: list[dict], fmt: Callable[[Any], str]) -> None:
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (others share this machine: timings under load are noisy)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def cpu_name() -> str:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
@@ -85,3 +86,22 @@ def test_step_time_quick(tmp_path):
     assert rows["mezo-style"]["speedup_vs_mezo_style"] == 1.0
     assert [t["pass"] for t in report["targets"]] == [None, None, None]  # GPU targets: not judged on CPU
     assert json.loads((tmp_path / "st.json").read_text())["results"] == report["results"]
+
+
+def test_kernel_benchmark_cpu_quick(tmp_path):
+    """bench/kernels.py on the CPU: the two targets are computed from measured times (not judged here)."""
+    bench = load("kernels")
+    real = bench.minilm_layer_shapes(1)
+    assert len(real) == 16 and sum(torch.Size(s).numel() for s in real) == 1_774_464  # one MiniLM-L6 layer
+    bench.minilm_layer_shapes = lambda layers: real[:2]  # 384 x 384 + 384: seconds, not minutes, for the J=65 loop
+    out = tmp_path / "kernels.json"
+    report = bench.main(["--quick", "--device", "cpu", "--sizes", "20000", "--out", str(out)])
+    assert json.loads(out.read_text())["targets"] == report["targets"]
+    names = [t["name"] for t in report["targets"]]
+    assert names[0].startswith("Gaussian values/s vs torch.normal") and "J=65" in names[1]
+    assert all(t["measured"] > 0 and t["pass"] in (True, False) for t in report["targets"])
+    results = report["results"]
+    assert "ours (scalar)" in results["gaussian_values"]["ratio_by_isa"]
+    assert [r["J"] for r in results["apply_vs_mezo"]] == bench.CPU_DIRECTIONS_QUICK
+    assert results["mezo_shapes"] == "all-MiniLM-L6-v2 encoder, 1 layer(s) (2 tensors)"
+    assert results["load_average_1min"]["before"] is not None
