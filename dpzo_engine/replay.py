@@ -24,7 +24,7 @@ from .run.run_dir import RunDir, read_jsonl
 from .run.session import build_model, fingerprint, save_model
 from .zo.engine import ZOEngine
 from .zo.stagewise import build_stagewise
-from .zo.step import replay_step
+from .zo.step import check_stage_event, replay_step
 
 
 def replay(run_dir: str | Path, backend: str | None = None):
@@ -47,22 +47,8 @@ def replay(run_dir: str | Path, backend: str | None = None):
     for row in steps:
         event = replay_step(engine, stages, row, header["rounding"])
         if event is not None:  # a recomputed data-free mask must match the ledger's
-            _check_stage(event, events.get(row["step"]))
+            check_stage_event(event, events.get(row["step"]))
     return model, tokenizer, flat, len(steps)
-
-
-def _check_stage(ours: dict, logged: dict | None) -> None:
-    """A recomputed stage event must match the ledger's (mask fingerprint, schedule values)."""
-    if logged is None:
-        raise ConfigError(f"the ledger has no stage record for step {ours['step']}; it was not written by this run")
-    for key in ("stage", "lr", "zo_eps"):
-        if ours[key] != logged.get(key):
-            raise ConfigError(f"stage {ours['stage']}: {key} {ours[key]} differs from the ledger's {logged.get(key)}")
-    if "mask" in ours and ours["mask"]["sha256"] != (logged.get("mask") or {}).get("sha256"):
-        raise ConfigError(
-            f"stage {ours['stage']}: the recomputed data-free mask differs from the ledger's (sha256 mismatch); "
-            "replay on the run's own backend"
-        )
 
 
 def compare_with_saved(model: torch.nn.Module, model_dir: Path) -> tuple[int, int]:

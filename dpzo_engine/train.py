@@ -8,6 +8,7 @@ lives in ``run/session.py``, privacy in ``privacy/``, the step in ``zo/``, kerne
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 
@@ -26,10 +27,8 @@ def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
     for step in bar:
         idx = zo.sample()  # Poisson batch from the secret generator
         rec = zo.step(s.loss_fn(idx), forwards=s.forwards())  # estimate, clip + noise, fused update
-        if rec.stage_row is not None:  # DP-ZOSO/ZOPO: new stage, data-free mask and anchor (public, no ε)
-            run.log_ledger(rec.stage_row)
         eps = zo.epsilon()
-        run.log_ledger(rec.ledger_row(eps))
+        s.log_release(run, rec, eps)  # the ledger: (stage row,) seeds, released vector, ε
         s.loss_meter.update(rec.loss, rec.released)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = (
             f"first-order runs cannot be resumed; start again with an --output-dir other than {run.path}"
             if cfg.method in FIRST_ORDER_METHODS
-            else f"resume with: python -m dpzo_engine.train --resume --output-dir {run.path}"
+            else f"resume with: python -m dpzo_engine.train --resume --output-dir {shlex.quote(str(run.path))}"
         )
         print(f"\ninterrupted; {hint}", file=sys.stderr)
         return 130

@@ -1,5 +1,7 @@
 """The mechanism side of DP: sensitivity of the clipped sums, noise scale, Poisson sampling, secret RNG.
 
+(The exact samplers and the CSPRNG themselves are tested in test_secure_noise.py.)
+
 Statistical checks use stated bounds (5 standard errors), so a correct implementation
 fails them with probability < 1e-6 each; the fixed debug seeds make them deterministic.
 """
@@ -16,6 +18,7 @@ from dpzo_engine.privacy import (
     NotPrivateWarning,
     PoissonSampler,
     PrivacyError,
+    SecretGenerator,
     count_epsilon,
     expected_batch_size,
     get_secret_state,
@@ -25,7 +28,7 @@ from dpzo_engine.privacy import (
 )
 
 
-def debug_generator(seed: int) -> torch.Generator:
+def debug_generator(seed: int) -> SecretGenerator:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotPrivateWarning)
         return secret_generator(seed)
@@ -233,14 +236,35 @@ def test_debug_seed_reproduces_and_warns_loudly():
 
 def test_secret_state_round_trip_resumes_the_same_draws():
     g = secret_generator()
-    run_step(g)
-    state = get_secret_state(g)
     expected = run_step(g)
-    resumed = set_secret_state(secret_generator(), state)
+    resumed = set_secret_state(None, get_secret_state(g))
     got = run_step(resumed)
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
     with pytest.raises(PrivacyError):
-        set_secret_state(g, state.float())
+        set_secret_state(None, {"key": "not bytes"})
+
+
+def test_draws_are_addressed_by_release_not_consumed():
+    """Release r draws at address r: seeking there gives its batch and noise again; r + 1 differs."""
+    g = debug_generator(21)
+    sampler, mech = PoissonSampler(64, 0.5, g), GaussianMechanism(1.0, 1.0, 4, generator=g)
+    zeros = torch.zeros(4, dtype=torch.float64)
+    first = [(sampler.sample(), mech.privatize(zeros)) for _ in range(3)]
+    sampler.seek(1)
+    mech.seek(1)
+    again = sampler.sample(), mech.privatize(zeros)
+    assert torch.equal(again[0], first[1][0]) and torch.equal(again[1], first[1][1])
+    assert not torch.equal(first[1][1], first[2][1])
+    assert sampler.position == mech.position == 2
+
+
+def test_a_torch_generator_still_works_but_is_flagged_not_private():
+    """Code that passed a torch.Generator (the old API) gets the exact samplers, keyed from it, with a warning."""
+    with pytest.warns(NotPrivateWarning, match="NOT private"):
+        mech = GaussianMechanism(1.0, 1.0, 2, generator=torch.Generator().manual_seed(3))
+    assert mech.generator.reproducible
+    noisy = mech.privatize(torch.zeros(2, dtype=torch.float64))
+    assert all(math.ldexp(x, -int(math.log2(mech.grid))).is_integer() for x in noisy.tolist())
 
 
 def test_noise_does_not_depend_on_the_global_torch_seed():
@@ -253,21 +277,27 @@ def test_noise_does_not_depend_on_the_global_torch_seed():
     assert torch.equal(a[1], b[1])
 
 
-# --------------------------------------------------------------------------- Laplace count
-def test_laplace_count_is_unbiased_with_scale_one_over_epsilon():
-    n, eps, draws = 1000, 0.5, 20000
-    gen = debug_generator(12)
-    values = torch.tensor([laplace_count(n, eps, gen) for _ in range(draws)], dtype=torch.float64)
-    b = 1 / eps
-    std = math.sqrt(2) * b
-    assert abs(float(values.mean()) - n) <= 5 * std / math.sqrt(draws)
-    # mean absolute deviation of Laplace(0, b) is b; its sd is b (E|X|^2 = 2b^2)
-    assert abs(float((values - n).abs().mean()) - b) <= 5 * b / math.sqrt(draws)
+# --------------------------------------------------------------------------- noisy count
+def test_laplace_count_is_a_discrete_laplace_with_parameter_epsilon():
+    """Draws at many addresses (one per run in training): mean n, E|Y| = 2a/(1 − a²) with a = e^-ε."""
+    n, eps, draws = 1000, 0.5, 4000
+    values = []
+    for i in range(draws):
+        g = SecretGenerator((i.to_bytes(4, "little") * 8)[:32])
+        values.append(laplace_count(n, eps, g))
+    assert all(isinstance(v, int) for v in values)
+    values = torch.tensor(values, dtype=torch.float64)
+    a = math.exp(-eps)
+    var = 2 * a / (1 - a) ** 2
+    mad = 2 * a / (1 - a * a)
+    assert abs(float(values.mean()) - n) <= 5 * math.sqrt(var / draws)
+    assert abs(float((values - n).abs().mean()) - mad) <= 5 * math.sqrt(var / draws)
 
 
-def test_laplace_count_is_clamped_for_the_division():
-    gen = debug_generator(13)
-    assert min(laplace_count(0, 0.01, gen) for _ in range(200)) >= 1.0
+def test_laplace_count_is_drawn_once_per_key_and_clamped():
+    g = debug_generator(13)
+    assert len({laplace_count(500, 0.1, g) for _ in range(5)}) == 1  # the same key gives the same count
+    assert laplace_count(0, 0.01, g) >= 1
 
 
 def test_count_epsilon_share_and_validation():

@@ -15,7 +15,7 @@ from torch import nn
 from dpzo_engine import ops
 from dpzo_engine.core import stream
 from dpzo_engine.core.flat import FlatParams
-from dpzo_engine.privacy import GaussianMechanism
+from dpzo_engine.privacy import GaussianMechanism, SecretGenerator
 from dpzo_engine.zo.engine import ZOEngine
 from dpzo_engine.zo.rules import MeZORule, PrivateRule
 
@@ -117,7 +117,7 @@ def test_mezo_loss_falls():
 
 def test_dp_aggzo_loss_falls_with_noise():
     def rule():
-        gen = torch.Generator().manual_seed(1)
+        gen = SecretGenerator(bytes([1]) * 32)
         return PrivateRule(GaussianMechanism(0.5, 50.0, 4, "joint", generator=gen), expected_batch_size=64)
 
     _, history = run_steps(rule, steps=150, k=4, lr=0.05)
@@ -128,7 +128,7 @@ def test_dp_aggzo_k1_equals_dpzero():
     """DP-AggZO with K = 1 is DPZero: same seeds and noise give identical weights."""
 
     def rule():
-        return PrivateRule(GaussianMechanism(1.0, 2.0, 1, "joint", generator=torch.Generator().manual_seed(5)), 64)
+        return PrivateRule(GaussianMechanism(1.0, 2.0, 1, "joint", generator=SecretGenerator(bytes([5]) * 32)), 64)
 
     a, _ = run_steps(rule, steps=20, k=1, lr=0.01)
     b, _ = run_steps(rule, steps=20, k=1, lr=0.01)
@@ -140,7 +140,7 @@ def test_dp_aggzo_k1_equals_dpzero():
 
 
 def test_per_direction_mechanism_has_sqrt_k_sensitivity():
-    m = GaussianMechanism(1.0, 2.0, 16, "per_direction", generator=torch.Generator())
+    m = GaussianMechanism(1.0, 2.0, 16, "per_direction", generator=SecretGenerator(bytes(32)))
     assert m.sensitivity == pytest.approx(2.0 * math.sqrt(16))
-    j = GaussianMechanism(1.0, 2.0, 16, "joint", generator=torch.Generator())
+    j = GaussianMechanism(1.0, 2.0, 16, "joint", generator=SecretGenerator(bytes(32)))
     assert j.sensitivity == pytest.approx(2.0)

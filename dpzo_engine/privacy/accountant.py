@@ -19,11 +19,15 @@ to its L2 sensitivity (C joint, C√K per-direction), so K does not enter the ac
 Adjacency is add/remove one example, with the dominating pair used by Opacus and
 prv_accountant for Poisson subsampling.
 
-The Laplace count (ñ = n + Lap(1/ε_c), pure ε_c-DP) is composed with the Gaussian part by
-**heterogeneous PRV composition** (``LaplaceMechanism(ε_c)`` composed once with the
-subsampled Gaussian composed T times). Calibration gives the Gaussian part
-(1 − share)·ε and the count share·ε (basic composition, as in DP-AggZO), and then checks
-the composed PRV bound, which is tighter than that sum.
+The noisy count (ñ = n + a discrete Laplace of parameter ε_c, pure ε_c-DP; the ``laplace_epsilon``
+arguments) is composed with the Gaussian part by **heterogeneous PRV composition** (the count's
+privacy loss, composed once, with the subsampled Gaussian composed T times). A discrete Laplace
+on a count of sensitivity 1 has the privacy loss ±ε_c of randomized response, so its PRV is
+``CountMechanism`` (prv_accountant's pure-DP PRV, with the exact Rényi divergence of that pair:
+the library's ``(α−1)ε/α`` is not that divergence, and falls below it for ε ≳ 1, which would make
+the RDP cross-check and fallback unsafe). Calibration
+gives the Gaussian part (1 − share)·ε and the count share·ε (basic composition, as in DP-AggZO),
+and then checks the composed PRV bound, which is tighter than that sum.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from prv_accountant import LaplaceMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
+from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 from prv_accountant.other_accountants import RDP
+from prv_accountant.privacy_random_variables import PureDPMechanism
 
 from .mechanism import PrivacyError
 
@@ -44,6 +49,20 @@ MAX_DOMAIN_POINTS = 1 << 19  # beyond this the ε-grid is coarsened: a valid, lo
 PRV_RETRIES = 4  # coarsenings (×2 each) tried after a PRV failure before falling back to RDP
 SIGMA_RANGE = (1e-3, 1e6)  # calibration search range
 _INT_ORDERS = [float(a) for a in range(2, 65)]  # cheap RDP for bracketing (integer orders: exact sums)
+
+
+class CountMechanism(PureDPMechanism):
+    """The noisy count's PRV: a discrete Laplace count has privacy loss exactly ±ε (randomized response).
+
+    ``rdp`` is the exact Rényi divergence of that pair, D_α = log(p^α (1−p)^(1−α) + (1−p)^α p^(1−α))/(α−1)
+    with p = e^ε/(1 + e^ε) (prv_accountant's pure-DP ``rdp``, (α−1)ε/α, is not it: below it for ε ≳ 1).
+    """
+
+    def rdp(self, alpha):
+        a = np.asarray(alpha, dtype=np.float64)
+        log_p = -np.log1p(np.exp(-self.eps))  # log(e^ε / (1 + e^ε))
+        log_q = -self.eps + log_p  # log(1 / (1 + e^ε))
+        return np.logaddexp(a * log_p + (1 - a) * log_q, a * log_q + (1 - a) * log_p) / (a - 1)
 
 
 class AccountingWarning(RuntimeWarning):
@@ -191,7 +210,7 @@ class _Model:
     def _prvs(self) -> list:
         prvs = [PoissonSubsampledGaussianMechanism(sampling_probability=self.q, noise_multiplier=self.sigma)]
         if self.lap > 0:
-            prvs.append(LaplaceMechanism(self.lap))
+            prvs.append(CountMechanism(self.lap))
         return prvs
 
     def _counts(self, t: int) -> list[int]:

@@ -466,11 +466,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _saved_run_config(output_dir: str) -> dict:
+    """The config a run saved (``--resume`` starts from it, so ``--resume --output-dir RUN`` is enough)."""
+    path = Path(output_dir) / "config.json"
+    if not path.is_file():
+        return {}  # the run directory check says what is missing
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {path} could not be read: {exc}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} does not hold a config")
+    saved.pop("resume", None)
+    return options.coerce_mapping(TrainConfig, saved, f"--resume: {path}")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags over config-file keys over the dataclass defaults, validated."""
+    """Flags over config-file keys over, with ``--resume``, the run's own saved config, over the
+    dataclass defaults, validated."""
     given = vars(build_parser().parse_args(argv))
     path = given.pop("config", None)
     values = options.load_config_file(TrainConfig, path) if path else {}
+    if given.get("resume"):
+        output_dir = given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))
+        values = {**_saved_run_config(output_dir), **values}
     values.update(given)
     return validate(TrainConfig(**values))
 

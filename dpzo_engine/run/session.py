@@ -24,8 +24,11 @@ from ..models.prefix_cache import cached_prefix, frozen_prefix_length
 from ..zo.engine import PassCounter
 from ..zo.private_zo import PrivateZO
 from ..zo.rules import Released
+from ..zo.step import StepRecord, check_stage_event
 from .config import TrainConfig
-from .run_dir import RunDir
+from .ledger import Ledger, read_ledger, seal
+from .model_card import label_model_config, write_model_card
+from .run_dir import RunDir, read_jsonl
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +105,7 @@ class Session:
     """A run's state: data, model, head, the privacy plan and the trainer (``PrivateZO`` for ZO methods)."""
 
     def __init__(self, cfg: TrainConfig, run: RunDir, resuming: bool):
+        """``resuming``: the run in ``run`` has begun releasing; continue it from its ledger."""
         self.cfg = cfg
         data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         self.task = get_task(
@@ -110,9 +114,11 @@ class Session:
         )  # fmt: skip
         self.head_name = resolve_head(cfg.head, self.task, model_kind(cfg.model))  # auto: task + model decide
         n = len(self.task.train)
-        if cfg.sample_rate is None and cfg.batch_size > n:
+        if cfg.sample_rate is None and cfg.batch_size > n and not cfg.count_share:
             raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
-        self.sample_rate = cfg.sample_rate if cfg.sample_rate is not None else cfg.batch_size / n
+        self.ledger: Ledger | None = read_ledger(run.ledger_path) if resuming else None  # checked before any write
+        if self.ledger is not None:
+            stream.check_version(self.ledger.header.get("stream_version"), f"--resume: {run.ledger_path}")
         self.max_length = cfg.max_length or self.task.max_length
         self.model, self.tokenizer, self.trainable, self.flat = build_model(cfg, self.task.num_labels, self.head_name)
         self.device = self.flat.device
@@ -123,24 +129,64 @@ class Session:
         self.plan = privacy.PrivacyPlan.create(
             n,
             steps=cfg.steps,
-            sample_rate=self.sample_rate,
+            sample_rate=cfg.sample_rate,
+            batch_size=cfg.batch_size if cfg.sample_rate is None else None,
             epsilon=cfg.epsilon if cfg.private else None,
             delta=cfg.delta,
             count_share=cfg.count_share,
-            noise_seed=cfg.noise_seed,
             update_every=cfg.log_every,  # exact ε at log steps; in between the next log step's bound
+            generator=self._secret_generator(run),
+            **self._fixed_by_ledger(),
         )
+        self._check_against_ledger()
+        for line in self.plan.notes:
+            print(f"note: {line}", file=sys.stderr)
+        self.sample_rate = self.plan.sample_rate
         self.sigma, self.accountant, self.sampler = self.plan.noise_multiplier, self.plan.accountant, self.plan.sampler
         self.engine = self._build_engine()
         self.loss_meter = LossMeter()
         self.start_step = 0
+        self.logged_stages: set[int] = set()  # stage rows already in the ledger (a resume re-enters their stage)
         if resuming:
             self._resume(run)
         else:
             run.start(cfg)
+            if not self.plan.reproducible:
+                self.plan.generator.save(run.secret_path)  # before the first release (the header's count)
             self.untrained = self.evaluate("test")
             run.log_ledger(self._ledger_header())
             run.log_metrics({"step": 0, "split": "test", **self.untrained})
+
+    def _secret_generator(self, run: RunDir) -> privacy.SecretGenerator:
+        """The run's key: a debug seed's, the one the run saved (a resume), or a fresh one."""
+        if self.cfg.noise_seed is not None:
+            return privacy.SecretGenerator.from_debug_seed(self.cfg.noise_seed)
+        if self.cfg.resume and run.secret_path.exists():
+            return privacy.SecretGenerator.load(run.secret_path)
+        if self.ledger is not None and self.ledger.header is not None:
+            print(
+                f"note: {run.secret_path} is missing: the run continues with a new secret key (still private, "
+                "but no longer reproducible from its start)",
+                file=sys.stderr,
+            )
+        return privacy.secret_generator()
+
+    def _fixed_by_ledger(self) -> dict:
+        """What a resumed run takes from its ledger header instead of drawing or calibrating again."""
+        if self.ledger is None or not self.cfg.private:
+            return {}
+        h = self.ledger.header
+        return {"noise_multiplier": h["noise_multiplier"], "released_count": h.get("released_count")}
+
+    def _check_against_ledger(self) -> None:
+        if self.ledger is None:
+            return
+        h = self.ledger.header
+        if h.get("sample_rate") != self.plan.sample_rate:
+            raise ConfigError(
+                f"--resume: the ledger's sampling rate {h.get('sample_rate')} differs from this run's "
+                f"{self.plan.sample_rate}: the data or the config changed"
+            )
 
     def _note_truncation(self) -> None:
         """Say on stderr when --max-length cuts training examples (SQuAD contexts at 48 tokens would be
@@ -171,6 +217,16 @@ class Session:
             "cached_blocks": self.cached_blocks,
             "initial_sha256": fingerprint(self.flat),
         }
+
+    def log_release(self, run: RunDir, rec: StepRecord, eps: float | None) -> None:
+        """Append a step's public rows to the ledger: the stage it opens (unless a resume found it
+        there already), then the release."""
+        if rec.stage_row is not None:
+            if rec.stage_row["step"] in self.logged_stages:
+                check_stage_event(rec.stage_row, self.ledger.stages.get(rec.stage_row["step"]))
+            else:
+                run.log_ledger(rec.stage_row)
+        run.log_ledger(rec.ledger_row(eps))
 
     # ------------------------------------------------------------------ steps
     def batch(self, idx: torch.Tensor | list[int]) -> dict | None:
@@ -206,25 +262,51 @@ class Session:
             "zo": self.zo.state_dict(),
             "untrained": self.untrained,
         }
-        run.save_checkpoint(step, state, self.zo.secret_state())
+        run.save_checkpoint(step, state)
 
     def _resume(self, run: RunDir) -> None:
-        header, _ = run.ledger()
-        stream.check_version(header.get("stream_version"), f"--resume: {run.ledger_path}")
-        state, secret = run.load_checkpoint()
-        self.flat.load_buffers([b.to(self.device) for b in state["buffers"]])
-        self.zo.load_state_dict(state["zo"])
-        self.zo.load_secret_state(secret)
-        self.untrained = state["untrained"]
-        self.start_step = state["step"]
-        run.truncate_logs(self.start_step)
-        print(f"resuming {run.path} at step {self.start_step}", file=sys.stderr)
+        """Continue from the ledger: the last checkpoint (or the base model), then every released
+        step past it re-applied from its ledger row (no data, no forward), then new steps at the
+        next secret address. Nothing released is ever computed again."""
+        ledger = self.ledger
+        state = run.load_checkpoint()
+        if state is not None:
+            self.flat.load_buffers([b.to(self.device) for b in state["buffers"]])
+            self.zo.load_state_dict(state["zo"])
+            self.untrained = state["untrained"]
+        else:
+            if fingerprint(self.flat) != ledger.header["initial_sha256"]:
+                raise ConfigError("--resume: the base model differs from the one this run started from")
+            self.untrained = self._untrained_from_metrics(run)
+        void = seal(ledger)  # a row cut by the kill: dropped, and counted if it had begun to release
+        if void is not None:
+            print(f"note: the ledger's last row (step {void['step']}) was cut by the kill: {void['reason']}",
+                  file=sys.stderr)  # fmt: skip
+        replayed = self.zo.resume(ledger.steps, ledger.stages, ledger.releases)
+        self.logged_stages = set(ledger.stages)
+        self.start_step = self.zo.steps_done
+        run.trim_metrics(self.start_step)
+        print(
+            f"resuming {run.path} at step {self.start_step}: {replayed} released steps re-applied from the ledger "
+            f"({'checkpoint at step ' + str(state['step']) if state else 'no checkpoint: from the base model'})",
+            file=sys.stderr,
+        )
+
+    def _untrained_from_metrics(self, run: RunDir) -> dict:
+        """The base model's test scores, as logged before step 1 (evaluated again if that line is gone)."""
+        for row in read_jsonl(run.metrics_path):
+            if row.get("step") == 0 and row.get("split") == "test":
+                return {k: v for k, v in row.items() if k not in ("step", "split")}
+        return self.evaluate("test")
 
     # ------------------------------------------------------------------ finish
     def finalize(self, run: RunDir, elapsed: float) -> dict:
         final = self.evaluate("test")
         run.log_metrics({"step": self.cfg.steps, "split": "test", **final})
+        label_model_config(self.model.config, self.task, self.head)
         save_model(self.model, self.tokenizer, run.model_dir)
+        record = self.privacy_record(run)
+        write_model_card(run.model_dir, self.cfg, self.task, self.head, record, final)
         summary = {
             "method": self.cfg.method,
             "steps": self.cfg.steps,
@@ -233,11 +315,16 @@ class Session:
             "metric": self.head.primary_metric,
             "untrained_test": self.untrained,
             "final_test": final,
-            "epsilon_target": self.cfg.epsilon if self.cfg.private else None,
-            "epsilon_spent": self.accountant.epsilon(),
-            "delta": self.cfg.delta if self.cfg.private else None,
+            "private": record["private"],
+            "privacy": record["privacy"],
+            "epsilon_target": self.cfg.epsilon if self.plan.guaranteed else None,
+            "epsilon_spent": record["epsilon"],
+            "delta": self.cfg.delta if self.plan.guaranteed else None,
             "noise_multiplier": self.sigma,
             "sample_rate": self.sample_rate,
+            "sample_rate_source": self.plan.sample_rate_source,
+            "released_count": self.plan.released_count,
+            "releases": self.plan.releases,
             "passes": self.engine.counter.passes,
             "forwards": self.engine.counter.forwards,
             "direction_values_per_weight_step": self.engine.counter.direction_values
@@ -248,6 +335,23 @@ class Session:
         }
         run.write_summary(summary)
         return summary
+
+    def privacy_record(self, run: RunDir) -> dict:
+        """privacy.json: the guarantee the saved model carries (``privacy.record``)."""
+        return privacy.privacy_record(
+            self.plan,
+            method=self.cfg.method,
+            mechanism=self._mechanism_facts(),
+            dataset_size=None if self.plan.released_count is not None else len(self.task.train),
+            ledger_path=run.ledger_path,
+        )
+
+    def _mechanism_facts(self) -> dict:
+        o = self.zo.options
+        facts = {"num_directions": o.num_directions, "clip": o.clip, "clip_mode": o.clip_mode}
+        if o.private:
+            facts["noise"] = self.zo.rule.mechanism.describe()
+        return facts
 
     def log_progress(self, run: RunDir, bar, done: int, eps: float | None, elapsed: float) -> dict:
         """Flush the running means into metrics.jsonl and the progress bar (loss, ε, fraction clipped)."""
@@ -270,7 +374,7 @@ class Session:
         privacy_line = (
             f"epsilon spent {eps:.3f} (target {summary['epsilon_target']}, delta {summary['delta']:g})"
             if eps is not None
-            else "non-private run (no epsilon)"
+            else f"NOT private: {summary['privacy'].removeprefix('not private: ')} (no epsilon)"
         )
         print(
             f"\ntest {metric.replace('_', ' ')}: untrained {u:.4f} -> fine-tuned {f:.4f}\n{privacy_line}\n"

@@ -14,6 +14,11 @@ trainable parameters (``core.flat``), the fused perturbation passes (``zo.engine
 rule (``zo.rules``: clip, secret noise, / q·n), the stage schedule and mask (``zo.stagewise``), and
 the privacy plan (``privacy.plan``: secret generator, Poisson sampler, σ, accountant). The model
 must be in eval mode with a deterministic loss (no dropout: L+ and L− must see the same function).
+
+Releases are made once. Release r (0-based) draws its batch and noise at address r of the secret
+generator; ``resume`` re-applies released steps from their public ledger rows (``replay_step``: no
+data, no forward) and continues at the number of releases the ledger holds, so a released value
+is never recomputed, whatever the forward pass would give today.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ..privacy.plan import PrivacyPlan
 from .engine import ZOEngine
 from .rules import MeZORule, PrivateRule
 from .stagewise import StageOptions, build_stagewise
-from .step import LossFn, StepRecord, ZOStep
+from .step import LossFn, StepRecord, ZOStep, check_stage_event, replay_step
 
 ZO_METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo")
 
@@ -97,12 +102,12 @@ class PrivateZO:
         ``method="mezo"`` (non-private) ignores ε and δ."""
         if (batch_size is None) == (sample_rate is None):
             raise ConfigError("give batch_size or sample_rate, not both")
-        q = sample_rate if sample_rate is not None else batch_size / num_examples
         opts = ZOOptions(**options)
         plan = PrivacyPlan.create(
             num_examples,
             steps=steps,
-            sample_rate=q,
+            sample_rate=sample_rate,
+            batch_size=batch_size,
             epsilon=epsilon if opts.private else None,
             delta=delta,
             noise_seed=noise_seed,
@@ -118,19 +123,44 @@ class PrivateZO:
 
     # ------------------------------------------------------------------ the loop
     def sample(self) -> list[int]:
-        """The next Poisson batch's example indices, from the secret generator (may be empty)."""
+        """The next Poisson batch's example indices, from the secret generator (may be empty).
+        One ``sample()`` per ``step()``: both draw at the address of the next release."""
+        self.plan.sampler.seek(self.plan.releases)
         return self.plan.sampler.sample().tolist()
 
     def step(self, loss_fn: LossFn | None, forwards: AbstractContextManager | None = None) -> StepRecord:
         """One release: estimate along K directions, clip, noise, update; counted by the accountant.
         ``loss_fn()`` returns the per-example losses of the sampled batch; None for an empty batch."""
+        if self.options.private:
+            self.rule.mechanism.seek(self.plan.releases)
         record = self._step(self.steps_done, loss_fn, forwards)
         self.plan.accountant.step()
         self.steps_done += 1
         return record
 
+    def resume(self, rows: list[dict], stage_rows: dict[int, dict], releases: int) -> int:
+        """Re-apply the released steps ``rows`` (ledger rows past ``steps_done``) from their public values
+        alone, check the data-free stage events they recompute against ``stage_rows`` (by step), and
+        continue after ``releases`` releases (the ledger's step rows plus its void ones). Returns the
+        number of steps replayed."""
+        replayed = 0
+        for row in rows:
+            if row["step"] <= self.steps_done:
+                continue
+            if row["step"] != self.steps_done + 1:
+                raise ConfigError(f"the ledger jumps from step {self.steps_done} to step {row['step']}")
+            event = replay_step(self.engine, self.stages, row, self.options.rounding)
+            if event is not None:
+                check_stage_event(event, stage_rows.get(row["step"]))
+            self.steps_done += 1
+            replayed += 1
+        self.plan.seek(releases)
+        if self.options.private:
+            self.rule.mechanism.seek(releases)
+        return replayed
+
     def epsilon(self) -> float | None:
-        """ε spent so far (PRV upper bound); None for a non-private run."""
+        """ε spent so far (PRV upper bound); None for a run that is not private (MeZO, a debug seed)."""
         return self.plan.epsilon()
 
     # ------------------------------------------------------------------ state
@@ -150,15 +180,17 @@ class PrivateZO:
         counts = (*state["counter"], 0)[:3]  # checkpoints from before direction values were counted hold two
         self.engine.counter.passes, self.engine.counter.forwards, self.engine.counter.direction_values = counts
         self.stages.load_state_dict(state["stagewise"])
-        if self.options.private:  # the released count may have come back with the state
-            self.rule.expected_batch_size = self.plan.normalizer
+        if self.options.private:
+            self.rule.mechanism.seek(self.plan.releases)
 
     def secret_state(self) -> dict:
-        """SECRET (sampling and noise generator): store apart from public outputs, mode 600."""
+        """SECRET (the key of the sampling and noise generator): store apart from public outputs, mode 600."""
         return self.plan.secret_state()
 
     def load_secret_state(self, state: dict) -> None:
         self.plan.load_secret_state(state)
+        if self.options.private:
+            self.rule.mechanism.generator = self.plan.generator
 
     def header(self) -> dict:
         """Public facts of the run for a ledger header."""
@@ -171,10 +203,10 @@ class PrivateZO:
             "difference": o.difference,
             "rounding": o.rounding,
             "master_seed": o.seed,
-            "noise_multiplier": self.plan.noise_multiplier,
-            "sample_rate": self.plan.sample_rate,
-            "expected_batch_size": self.plan.normalizer,
-            "released_count": self.plan.released_count,
+            **self.plan.public_facts(),
+            "noise": self.rule.mechanism.describe() if o.private else None,
+            "num_directions": o.num_directions,
+            "clip": o.clip if o.private else None,
             "trainable_numel": self.flat.numel,
             "clip_mode": o.clip_mode if o.private else None,
             **self.stages.header(),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import stream
+from ..core.errors import ConfigError
 from .engine import ZOEngine
 from .rules import MeZORule, PrivateRule, Released
 from .stagewise import Stagewise
@@ -93,3 +94,17 @@ def replay_step(engine: ZOEngine, stages: Stagewise, row: dict, rounding: str) -
         engine.finish(row["seeds"], row["zo_eps"], row["coefs"], rounding, row["rounding_seed"])
         stages.after_update(step, row["lr"])
     return event
+
+
+def check_stage_event(ours: dict, logged: dict | None) -> None:
+    """A stage event recomputed by ``replay_step`` must match the ledger's (schedule values, mask fingerprint)."""
+    if logged is None:
+        raise ConfigError(f"the ledger has no stage record for step {ours['step']}; it was not written by this run")
+    for key in ("stage", "lr", "zo_eps"):
+        if ours[key] != logged.get(key):
+            raise ConfigError(f"stage {ours['stage']}: {key} {ours[key]} differs from the ledger's {logged.get(key)}")
+    if "mask" in ours and ours["mask"]["sha256"] != (logged.get("mask") or {}).get("sha256"):
+        raise ConfigError(
+            f"stage {ours['stage']}: the recomputed data-free mask differs from the ledger's (sha256 mismatch); "
+            "replay on the run's own backend"
+        )

@@ -36,8 +36,12 @@ contribution above C; the noise std stays σ·C. Half-precision parameters train
 (``MasterWeightAdamW``): a bf16 AdamW would drop every update below half an ulp. Models train
 in ``train()`` mode (dropout as configured), as first-order fine-tuning does.
 
-Limits: Opacus draws the noise in the parameters' dtype without its ``secure_mode`` (the same
-floating-point caveats as ``privacy/mechanism.py``); resume and replay are ZO features.
+Randomness: Poisson sampling is the plan's (exact, from the run's SHAKE-256 key). The d-dimensional
+noise is Opacus' with ``secure_mode`` (a sum of four Gaussians, Holohan & Braghin 2021), drawn from
+a torch generator on the parameters' device seeded with 64 bits from the key. That generator is not
+a cryptographic one (millions of values per step rule out the exact sampler of the ZO path), and the
+sum of Gaussians is a mitigation, not an exact sampler: a weaker floating-point story than the ZO
+methods', stated in privacy.json. Resume and replay are ZO features.
 """
 
 from .loop import FirstOrderSession, train

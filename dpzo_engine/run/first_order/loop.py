@@ -46,12 +46,8 @@ class FirstOrderSession(Session):
         )
         self.stages = build_stagewise(cfg.stage_options(), self.model, self.flat, None)  # constant lr, no stages
         if cfg.private:
-            device = trainer.params[0].device
-            generator = (
-                self.plan.generator
-                if device.type == "cpu"
-                else privacy.secret_device_generator(device, self.cfg.noise_seed)
-            )
+            # d-dimensional noise drawn by Opacus (secure_mode) on the parameters' device, seeded from the run's key
+            generator = privacy.secret_device_generator(trainer.params[0].device, secret=self.plan.generator)
             trainer.make_private(
                 noise_multiplier=self.sigma,
                 clip=cfg.clip,
@@ -68,10 +64,8 @@ class FirstOrderSession(Session):
             "method": self.cfg.method,
             "backend": self.engine.backend,
             "master_seed": self.cfg.seed,
-            "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate,
-            "expected_batch_size": plan.normalizer,
-            "released_count": plan.released_count,
+            **plan.public_facts(),
+            "noise": self.engine.noise_description() if self.cfg.private else None,
             "num_labels": self.task.num_labels,
             "head": self.head_name,
             "max_length": self.max_length,
@@ -84,6 +78,13 @@ class FirstOrderSession(Session):
 
     def save_checkpoint(self, run: RunDir, step: int) -> None:
         raise UserError(f"--method {self.cfg.method} keeps no checkpoints")
+
+    def _mechanism_facts(self) -> dict:
+        facts = {"clip": self.cfg.clip, "clip_mode": "per-example gradient, L2", "num_directions": None}
+        facts["gradient_dimension"] = sum(p.numel() for p in self.engine.params)
+        if self.cfg.private:
+            facts["noise"] = self.engine.noise_description()
+        return facts
 
     def finalize(self, run: RunDir, elapsed: float) -> dict:
         self.model.eval()
@@ -105,7 +106,7 @@ def train(cfg: TrainConfig, run: RunDir, s: FirstOrderSession) -> dict:
             idx = s.sampler.sample()  # Poisson, from the secret generator
             stats = s.engine.step(s.batch(idx))
             s.accountant.step()
-            eps = s.accountant.epsilon() if cfg.private else None
+            eps = s.plan.epsilon()
             run.log_ledger({"type": "step", "step": step + 1, "lr": cfg.lr, "epsilon": eps})
             diagnostics = Released(torch.zeros(0), fraction_clipped=stats.fraction_clipped, relative_clip_error=nan)
             s.loss_meter.update(stats.loss, diagnostics)
