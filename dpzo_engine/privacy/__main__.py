@@ -30,10 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     e = sub.add_parser("epsilon", help="epsilon spent by T subsampled-Gaussian steps (PRV upper bound, RDP check)")
     e.add_argument("--sigma", type=float, required=True, help="noise multiplier (noise std / L2 sensitivity)")
-    e.add_argument("--count-epsilon", type=float, default=0.0, help="epsilon of a Laplace-noised count [0]")
+    e.add_argument(
+        "--count-epsilon", type=float, default=0.0, help="epsilon of the noisy count (discrete Laplace, pure DP) [0]"
+    )
     c = sub.add_parser("calibrate", help="smallest noise multiplier whose PRV upper bound meets the target epsilon")
     c.add_argument("--epsilon", type=float, required=True, help="target epsilon")
-    c.add_argument("--count-share", type=float, default=0.0, help="share of epsilon for a Laplace count [0]")
+    c.add_argument(
+        "--count-share", type=float, default=0.0, help="share of epsilon for the noisy count (discrete Laplace) [0]"
+    )
     for q in (e, c):
         q.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q")
         q.add_argument("--steps", type=int, required=True, help="number of steps T")

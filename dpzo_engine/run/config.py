@@ -182,14 +182,20 @@ class TrainConfig:
     )
     sample_rate: float | None = option(None, "Poisson sampling rate q (instead of --batch-size)", group="privacy")
     batch_size: int | None = option(
-        None, "expected batch size q·n (instead of --sample-rate)", group="privacy", shown=str(DEFAULT_BATCH_SIZE)
+        None,
+        "expected batch size q·n (instead of --sample-rate); with --count-share, q = batch size / ñ",
+        group="privacy",
+        shown=str(DEFAULT_BATCH_SIZE),
     )
     count_share: float = option(
-        0.0, "share of ε spent on a Laplace-noised dataset size (0: n is public)", group="privacy"
+        0.0,
+        "share of ε spent on a noisy dataset size ñ (discrete Laplace), keeping n private (0: n is public)",
+        group="privacy",
     )
     noise_seed: int | None = option(
         None,
-        "DEBUG ONLY: fixed seed for sampling and noise; the run is then NOT private, and a warning says so",
+        "DEBUG ONLY: fixed seed for sampling and noise; the run is then NOT private: a warning says so, and "
+        "the ledger, summary.json and the model card say 'not private' instead of an ε",
         group="privacy",
         bounds=UINT64,
     )
@@ -261,7 +267,11 @@ class TrainConfig:
     save_every: int = option(25, "checkpoint every N steps", group="bookkeeping", identity=False)
     output_dir: str = option("runs/default", "where the run goes", group="bookkeeping", identity=False, metavar="DIR")
     resume: bool = option(
-        False, "continue the run in --output-dir after an interruption", group="bookkeeping", identity=False
+        False,
+        "continue the run in --output-dir after an interruption, from its own config.json (flags given too must "
+        "agree on what defines the run); released steps are re-applied from the ledger, never recomputed",
+        group="bookkeeping",
+        identity=False,
     )
 
     @property

@@ -35,7 +35,7 @@ def _prompt(head) -> dict | None:
     if head.name == "causal-prompt":
         return {"head": head.name, "template": head.template, "label_words": list(head.words)}
     if head.name == "causal-generation":
-        return {"head": head.name, "template": head.prompt.template}
+        return {"head": head.name, "template": head.template + head.stop}
     return None
 
 
@@ -54,7 +54,8 @@ def _card(cfg: TrainConfig, task: TaskData, head, record: dict, scores: dict) ->
     if "/" in cfg.model and not Path(cfg.model).exists():
         front.append(f"base_model: {cfg.model}")
     front.append("---")
-    lines = [*front, "", f"# {cfg.model} fine-tuned on {task.name} with {cfg.method}", ""]
+    base = Path(cfg.model).name if Path(cfg.model).exists() else cfg.model  # a local directory: its name only
+    lines = [*front, "", f"# {base} fine-tuned on {task.name} with {cfg.method}", ""]
     lines += _guarantee(record)
     lines += ["", "## Training", ""]
     lines += _table(

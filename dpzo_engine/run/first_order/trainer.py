@@ -167,12 +167,15 @@ class FirstOrderTrainer:
         expected_batch_size: float,
         generator: torch.Generator,
     ) -> None:
-        """Attach Opacus' per-example machinery; noise N(0, σ²C²) per coordinate from ``generator``
-        (a secret generator on the parameters' device), the noisy sum divided by ``expected_batch_size``."""
+        """Attach Opacus' per-example machinery; noise N(0, σ²C²) per coordinate (Opacus' secure_mode) from
+        ``generator`` (a torch generator on the parameters' device, or the run's ``SecretGenerator``, which
+        seeds one), the noisy sum divided by ``expected_batch_size``."""
         from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
         device = self.params[0].device
+        if isinstance(generator, privacy.SecretGenerator):  # the run's key: a device generator seeded from it
+            generator = privacy.secret_device_generator(device, secret=generator)
         if not isinstance(generator, torch.Generator) or generator.device.type != device.type:
             raise privacy.PrivacyError(
                 f"DP-AdamW noise needs a secret generator on the parameters' device ({device.type}); "
