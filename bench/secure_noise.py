@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -146,6 +147,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/secure_noise_<cpu>.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    load = os.getloadavg()
     started = time.perf_counter()
     reps = 3 if args.quick else 7
     print("noise per step:")
@@ -161,6 +163,7 @@ def main(argv: list[str]) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": 1,
+        "load_average_at_start": list(load),  # the machine is shared: ratios within this run still hold
         "quick": args.quick,
         "timing": f"median of {reps} perf_counter runs (step: of its repetitions after one warm-up step)",
         "sigma": SIGMA,
