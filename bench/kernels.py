@@ -8,7 +8,8 @@ Targets are ratios measured in one run on one machine (DESIGN section 8), never 
   (``torch.manual_seed`` then ``torch.normal`` + ``add_`` per parameter tensor) over the
   parameter shapes of OPT-1.3B (>= 3x).
 * CPU, with the threads torch uses (``torch.get_num_threads()``) on both sides: Gaussian values
-  per second of ``ops.directions`` against ``torch.normal`` (>= 4x; every ISA build shown), and
+  per second of ``ops.directions`` against ``torch.normal``, both into a preallocated tensor
+  (>= 4x; every ISA build shown; ``torch.normal`` runs on one thread whatever the setting), and
   one fused ``apply_directions`` pass with J = 65 on an fp32 buffer of 10.6 M elements against a
   MeZO-style loop (per direction ``torch.manual_seed``, then ``torch.normal`` + ``add_`` per tensor)
   over the same tensors: the encoder layers of all-MiniLM-L6-v2 (>= 4x).  Rademacher passes and a
@@ -436,42 +437,50 @@ def minilm_layer_shapes(layers: int = MINILM["num_hidden_layers"]) -> list[tuple
     return [tuple(p.shape) for n, p in model.named_parameters() if n.startswith("encoder.")]
 
 
-def best_of(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Best wall time of each callable, runs interleaved (a burst of load hits both sides of a ratio;
-    on a shared CPU noise only ever adds time, so the best run is the closest to the machine's speed)."""
+def best_of(fns: dict[str, Callable[[], object]], reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(best wall time, best CPU time of this process) of each callable, runs interleaved (a burst of load
+    hits both sides of a ratio; on a shared CPU noise only ever adds time, so the best run is the closest
+    to the machine's speed).  CPU time sums our threads: under load it shows the work, wall time the wait."""
     for fn in fns.values():
         fn()  # warm-up: first-touch page faults, the extension's load
-    best = dict.fromkeys(fns, float("inf"))
+    wall = dict.fromkeys(fns, float("inf"))
+    cpu = dict.fromkeys(fns, float("inf"))
     for _ in range(reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            wall[name] = min(wall[name], time.perf_counter() - start)
+            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def bench_gaussian_values(n: int, reps: int) -> dict:
-    """Gaussian values per second: ``ops.directions`` (C++, the best ISA and each one) vs ``torch.normal``."""
+    """Gaussian values per second: ``ops.directions`` (C++, the best ISA and each one) vs ``torch.normal``,
+    both writing into a preallocated tensor (``out=``), so the allocator's page faults time neither."""
     from dpzo_engine.ops import cpu_backend
 
-    fns: dict[str, Callable[[], object]] = {"torch.normal": lambda: torch.normal(0.0, 1.0, size=(n,))}
+    theirs, ours_out = torch.empty(n), torch.empty(n)
+    fns: dict[str, Callable[[], object]] = {"torch.normal": lambda: torch.normal(0.0, 1.0, size=(n,), out=theirs)}
     for isa in cpu_backend.available_isas():
 
         def ours(isa: str = isa) -> None:
             cpu_backend.set_isa(isa)
-            ops.directions(MASTER_SEED, 0, n, "gaussian", backend="cpu")
+            ops.directions(MASTER_SEED, 0, n, "gaussian", backend="cpu", out=ours_out)
 
         fns[f"ours ({isa})"] = ours
-    times = best_of(fns, reps)
+    times, cpu_times = best_of(fns, reps)
     cpu_backend.set_isa("auto")
     rate = {name: n / t for name, t in times.items()}
+    cpu_rate = {name: n / t for name, t in cpu_times.items()}
     best_isa = cpu_backend.isa()
     return {
         "values": n,
         "values_per_s": rate,
+        "values_per_cpu_s": cpu_rate,
         "ratio_by_isa": {name: r / rate["torch.normal"] for name, r in rate.items() if name != "torch.normal"},
         "isa": best_isa,
         "ratio": rate[f"ours ({best_isa})"] / rate["torch.normal"],
+        "ratio_per_cpu_s": cpu_rate[f"ours ({best_isa})"] / cpu_rate["torch.normal"],
     }
 
 
@@ -496,7 +505,7 @@ def bench_apply_vs_mezo(shapes: list[tuple[int, ...]], directions: Sequence[int]
     for J in directions:
         seeds, coefs = seeds_and_coefs(J, torch.device("cpu"))
         seed_list, coef_list = seeds.tolist(), coefs.tolist()
-        times = best_of(
+        times, cpu_times = best_of(
             {
                 "mezo": lambda s=seed_list, c=coef_list: mezo_style_pass(params, s, c),
                 "gaussian": lambda s=seeds, c=coefs: ops.apply_directions(flat, s, c, "gaussian", backend="cpu"),
@@ -511,8 +520,10 @@ def bench_apply_vs_mezo(shapes: list[tuple[int, ...]], directions: Sequence[int]
                 "elements": total,
                 "tensors": len(params),
                 **{f"{k}_ms": v * 1e3 for k, v in times.items()},
+                **{f"{k}_cpu_ms": v * 1e3 for k, v in cpu_times.items()},
                 "speedup_gaussian": times["mezo"] / times["gaussian"],
                 "speedup_rademacher": times["mezo"] / times["rademacher"],
+                "speedup_gaussian_per_cpu_s": cpu_times["mezo"] / cpu_times["gaussian"],
                 "gaussian_ns_per_element_direction": times["gaussian"] / (total * J) * 1e9,
                 "rademacher_ns_per_element_direction": times["rademacher"] / (total * J) * 1e9,
                 "copy_ms_for_scale": times["copy"] * 1e3,
@@ -567,17 +578,19 @@ def print_cpu(results: dict) -> None:
     g = results["gaussian_values"]
     load = results["load_average_1min"]
     print(f"{results['threads']} threads; 1-min load average {load['before']} before, {load['after']} after")
-    print(f"Gaussian values/s ({g['values']:.2g} values):")
+    print(f"Gaussian values/s ({g['values']:.2g} values; per CPU-second of this process in brackets):")
     for name, rate in g["values_per_s"].items():
         ratio = g["ratio_by_isa"].get(name)
-        print(f"  {name:>16}: {rate / 1e6:8.1f} M/s" + (f"  ({ratio:.2f}x torch.normal)" if ratio else ""))
+        per_cpu = g["values_per_cpu_s"][name] / 1e6
+        print(f"  {name:>16}: {rate / 1e6:8.1f} M/s [{per_cpu:7.1f} M/cpu-s]" + (f"  ({ratio:.2f}x)" if ratio else ""))
     print(f"apply_directions on a flat fp32 buffer vs the MeZO-style loop over {results['mezo_shapes']}:")
-    print(f"{'J':>3} {'elements':>10} {'MeZO ms':>9} {'gauss ms':>9} {'x':>6} {'rad ms':>8} {'x':>6} {'copy ms':>8}")
+    head = ("J", "elements", "MeZO ms", "gauss ms", "x", "x cpu-s", "rad ms", "x", "copy ms")
+    print("{:>3} {:>10} {:>9} {:>9} {:>6} {:>7} {:>8} {:>6} {:>8}".format(*head))
     for r in results["apply_vs_mezo"]:
         print(
             f"{r['J']:>3} {r['elements']:>10} {r['mezo_ms']:>9.1f} {r['gaussian_ms']:>9.1f} "
-            f"{r['speedup_gaussian']:>6.2f} {r['rademacher_ms']:>8.1f} {r['speedup_rademacher']:>6.1f}"
-            f" {r['copy_ms_for_scale']:>8.2f}"
+            f"{r['speedup_gaussian']:>6.2f} {r['speedup_gaussian_per_cpu_s']:>7.2f} {r['rademacher_ms']:>8.1f}"
+            f" {r['speedup_rademacher']:>6.1f} {r['copy_ms_for_scale']:>8.2f}"
         )
 
 

@@ -131,9 +131,11 @@ int num_threads_for(int64_t blocks) {
 }
 
 // ------------------------------------------------------------------------------------------- kernels
-at::Tensor directions(int64_t seed, int64_t offset, int64_t count, bool rademacher) {
+at::Tensor directions(int64_t seed, int64_t offset, int64_t count, bool rademacher, std::optional<at::Tensor> into) {
   TORCH_CHECK(offset >= 0 && count >= 0, "directions: offset and count must be >= 0");
-  at::Tensor out = at::empty({count}, at::dtype(at::kFloat));
+  at::Tensor out = into.has_value() && into->defined() ? *into : at::empty({count}, at::dtype(at::kFloat));
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == count,
+              "directions: out must be a contiguous float32 CPU tensor of count elements");
   if (count == 0) return out;
   float* dst = out.data_ptr<float>();
   const Key key = make_key(seed);
@@ -282,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_aggregate(at::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpzo-engine C++/OpenMP CPU kernels (stream version 2; bit-exact with the PyTorch reference)";
   m.def("directions", &dpzo::directions, "Stream values offset .. offset+count-1 of one seed (fp32)",
-        py::arg("seed"), py::arg("offset"), py::arg("count"), py::arg("rademacher"),
+        py::arg("seed"), py::arg("offset"), py::arg("count"), py::arg("rademacher"), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("apply_directions", &dpzo::apply_directions, "buf += sum_j coefs[j] * z_j in one pass (in place)",
         py::arg("buf"), py::arg("seeds"), py::arg("coefs"), py::arg("rademacher"), py::arg("offset"),

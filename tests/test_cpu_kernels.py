@@ -127,6 +127,17 @@ def test_directions_do_not_depend_on_thread_count(kind):
     assert torch.equal(bits(one), bits(many))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_directions_into_a_preallocated_tensor(backend):
+    out = torch.full((4099,), float("nan"))
+    assert ops.directions(9, 2**32 - 3, 4099, backend=backend, out=out) is out
+    assert_bit_equal(out, ops.directions(9, 2**32 - 3, 4099, backend="reference"))
+    with pytest.raises(ValueError, match="out must be"):
+        ops.directions(9, 0, 10, backend=backend, out=torch.empty(11))
+    with pytest.raises(ValueError, match="out must be"):
+        ops.directions(9, 0, 10, backend=backend, out=torch.empty(10, dtype=torch.float64))
+
+
 def test_empty_directions():
     assert ops.directions(1, 5, 0, backend="cpu").numel() == 0
 

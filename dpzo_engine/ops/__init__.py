@@ -96,17 +96,28 @@ def directions(
     kind: str = "gaussian",
     backend: str = "reference",
     device: torch.device | str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stream values for indices ``offset .. offset+count-1`` of direction ``seed`` (fp32).
 
-    The same call on every backend; ``seed`` is any int (taken modulo 2**64).
+    The same call on every backend; ``seed`` is any int (taken modulo 2**64).  ``out`` (a
+    contiguous fp32 tensor of ``count`` elements) receives the values instead of a new tensor;
+    its device then decides the backend for ``auto``.
     """
     _check_kind(kind)
     if count < 0 or offset < 0 or offset + count > (1 << 63):
         raise ValueError(f"need 0 <= offset and offset + count <= 2**63; got offset={offset}, count={count}")
+    if out is not None:
+        if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous() or out.numel() != count:
+            raise ValueError(f"out must be a contiguous 1-D float32 tensor of {count} elements")
+        device = out.device
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    impl = _impl(resolve_backend(backend, dev))
-    return impl.directions(int(seed), int(offset), int(count), kind, device=dev)
+    name = resolve_backend(backend, dev)
+    impl = _impl(name)
+    if name == "cpu":
+        return impl.directions(int(seed), int(offset), int(count), kind, device=dev, out=out)
+    values = impl.directions(int(seed), int(offset), int(count), kind, device=dev)
+    return values if out is None else out.copy_(values)
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:

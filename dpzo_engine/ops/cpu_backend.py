@@ -118,9 +118,12 @@ def set_isa(name: str) -> None:
     load().set_isa(name)
 
 
-def directions(seed: int, offset: int, count: int, kind: str, device=None) -> torch.Tensor:
-    out = load().directions(stream.to_int64(seed), offset, count, kind == "rademacher")
-    return out if device is None else out.to(device)
+def directions(
+    seed: int, offset: int, count: int, kind: str, device=None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Stream values into a new tensor, or into ``out`` (written in place: no allocation)."""
+    values = load().directions(stream.to_int64(seed), offset, count, kind == "rademacher", out)
+    return values if device is None or out is not None else values.to(device)
 
 
 def apply_directions(
