@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from .core import stream
 from .core.errors import ConfigError, UserError, report
 from .run.config import FIRST_ORDER_METHODS, TrainConfig
-from .run.run_dir import RunDir, read_jsonl
+from .run.integrity import verify_config
+from .run.run_dir import RunDir, check_model_sums, read_jsonl
 from .run.session import build_model, fingerprint, save_model
 from .zo.engine import ZOEngine
 from .zo.stagewise import build_stagewise
@@ -32,7 +33,7 @@ def replay(run_dir: str | Path, backend: str | None = None):
     run = RunDir(run_dir)
     if not run.config_path.exists():
         raise ConfigError(f"{run.path} holds no run (no config.json)")
-    cfg = TrainConfig(**json.loads(run.config_path.read_text()))
+    cfg = TrainConfig(**verify_config(run))
     if cfg.method in FIRST_ORDER_METHODS:
         raise ConfigError(f"{run.path} is a --method {cfg.method} run: only zeroth-order runs replay from their seeds")
     header, steps = run.ledger()
@@ -61,8 +62,15 @@ def compare_with_saved(model: torch.nn.Module, model_dir: Path) -> tuple[int, in
         saved.update(load_file(f))
     ours = model.state_dict()
     common = [k for k in saved if k in ours]
-    differing = sum(not torch.equal(ours[k].cpu(), saved[k]) for k in common)
+    differing = sum(not same_bits(ours[k].cpu(), saved[k]) for k in common)
     return differing, len(common)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, so two NaNs with the same payload are equal (``torch.equal`` says NaN != NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             save_model(model, tokenizer, Path(args.out))
         result = {"run_dir": args.run_dir, "steps_replayed": n, "saved_to": args.out}
         if args.verify:
-            differing, compared = compare_with_saved(model, RunDir(args.run_dir).model_dir)
+            model_dir = RunDir(args.run_dir).model_dir
+            check_model_sums(model_dir)  # a damaged file is named, not reported as a differing tensor
+            differing, compared = compare_with_saved(model, model_dir)
             result.update(tensors_compared=compared, tensors_differing=differing, identical=differing == 0)
         print(json.dumps(result))
         return 0 if result.get("identical", True) else 1

@@ -8,35 +8,47 @@ lives in ``run/session.py``, privacy in ``privacy/``, the step in ``zo/``, kerne
 
 from __future__ import annotations
 
+import errno
 import shlex
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import (seconds): one line, no traceback
+    from .core.interrupts import quiet_until_main
+
+    quiet_until_main()
+
 import time
 
 from tqdm import tqdm
 
 from .core.errors import UserError, report
+from .core.interrupts import Interrupted, Interrupts, exit_code
 from .run.config import FIRST_ORDER_METHODS, TrainConfig, parse_args
 from .run.run_dir import RunDir
 from .run.session import Session
 
 
-def train(cfg: TrainConfig, run: RunDir, s: Session) -> dict:
+def train(cfg: TrainConfig, run: RunDir, s: Session, signals: Interrupts | None = None) -> dict:
     bar = tqdm(range(s.start_step, cfg.steps), initial=s.start_step, total=cfg.steps, desc="train", unit="step")
-    zo = s.zo
+    zo, stop = s.zo, signals or Interrupts()
     t0 = time.time()
-    for step in bar:
-        idx = zo.sample()  # Poisson batch from the secret generator
-        rec = zo.step(s.loss_fn(idx), forwards=s.forwards())  # estimate, clip + noise, fused update
-        eps = zo.epsilon()
-        s.log_release(run, rec, eps)  # the ledger: (stage row,) seeds, released vector, ε
-        s.loss_meter.update(rec.loss, rec.released)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            s.log_progress(run, bar, done, eps, time.time() - t0)
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            run.log_metrics({"step": done, "split": "dev", **s.evaluate("dev")})
-        if done % cfg.save_every == 0 and done < cfg.steps:
-            s.save_checkpoint(run, done)
+    with stop.deferred():  # Ctrl-C / SIGTERM: finish this step, checkpoint, exit (core/interrupts.py)
+        for step in bar:
+            idx = zo.sample()  # Poisson batch from the secret generator
+            rec = zo.step(s.loss_fn(idx), forwards=s.forwards())  # estimate, clip + noise, update; guarded
+            eps = zo.epsilon()
+            s.log_release(run, rec, eps)  # the ledger: (stage row,) seeds, released vector, ε
+            s.loss_meter.update(rec.loss, rec.released)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                s.log_progress(run, bar, done, eps, time.time() - t0)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                run.log_metrics({"step": done, "split": "dev", **s.evaluate("dev")})
+            if (done % cfg.save_every == 0 and done < cfg.steps) or stop.requested:
+                s.save_checkpoint(run, done)
+            if stop.requested:
+                raise Interrupted(stop.signum, done)
     bar.close()
     return s.finalize(run, time.time() - t0)
 
@@ -51,28 +63,53 @@ def method_entry(cfg: TrainConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-        run = RunDir(cfg.output_dir)
-        resuming = run.check_start(cfg)
-        session_cls, loop = method_entry(cfg)
-        session = session_cls(cfg, run, resuming)
-    except UserError as exc:
-        return report(exc)
-    try:
-        summary = loop(cfg, run, session)
-    except UserError as exc:
-        return report(exc)
-    except KeyboardInterrupt:
-        hint = (
-            f"first-order runs cannot be resumed; start again with an --output-dir other than {run.path}"
-            if cfg.method in FIRST_ORDER_METHODS
-            else f"resume with: python -m dpzo_engine.train --resume --output-dir {shlex.quote(str(run.path))}"
-        )
-        print(f"\ninterrupted; {hint}", file=sys.stderr)
-        return 130
+    signals = Interrupts()
+    with signals.installed():
+        run = None
+        try:
+            cfg = parse_args(argv)
+            run = RunDir(cfg.output_dir)
+            run.check_output_dir(cfg.resume)  # before anything loads or is written
+            run.acquire()  # the run's lock: one writer per directory
+            resuming = run.check_start(cfg)  # a resume verifies every file first
+            session_cls, loop = method_entry(cfg)
+            session = session_cls(cfg, run, resuming)
+            summary = loop(cfg, run, session, signals)
+        except UserError as exc:
+            return report(exc)
+        except OSError as exc:  # a full disk, a directory made read-only under us: the cause and the file
+            return report(_disk_error(exc, run))
+        except KeyboardInterrupt as exc:
+            print(f"\n{_interrupted(exc, signals, cfg if run else None, run)}", file=sys.stderr)
+            return exit_code(signals.signum)
+        finally:
+            if run is not None:
+                run.abandon()  # set-up failed before anything was committed: leave nothing behind
+                run.release()
     session.print_summary(summary)
     return 0
+
+
+def _interrupted(exc: KeyboardInterrupt, signals: Interrupts, cfg: TrainConfig | None, run: RunDir | None) -> str:
+    """The one line a signal ends with: what was kept and how to go on."""
+    name = "Ctrl-C" if signals.signum in (None, signal.SIGINT) else signal.Signals(signals.signum).name
+    if cfg is None or run is None or not run.committed:
+        return f"interrupted ({name}) during set-up; nothing was written"
+    if cfg.method in FIRST_ORDER_METHODS:
+        return f"interrupted ({name}); first-order runs cannot be resumed: start again in another --output-dir"
+    kept = f"checkpoint saved at step {exc.step}; " if isinstance(exc, Interrupted) else ""
+    command = f"python -m dpzo_engine.train --resume --output-dir {shlex.quote(str(run.path))}"
+    return f"interrupted ({name}); {kept}resume with: {command}"
+
+
+def _disk_error(exc: OSError, run: RunDir | None) -> UserError:
+    """One line for an OSError the run met (a full disk, permissions changed under it): the file and the cause."""
+    where = exc.filename or (run.path if run else "the output directory")
+    hint = ""
+    if run is not None and run.committed:
+        fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        hint = f"; {fix}, then --resume --output-dir {shlex.quote(str(run.path))}"
+    return UserError(f"{where}: {exc.strerror or exc}{hint}")
 
 
 if __name__ == "__main__":

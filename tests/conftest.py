@@ -45,7 +45,7 @@ def write_split(path: Path, n: int, seed: int) -> None:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> tuple[Path, Path]:
-    """(model dir, data dir) for end-to-end CLI runs: a tiny random BERT saved with MiniLM's real
+    """(model dir, data dir) for end-to-end CLI runs: a tiny random BERT (128 positions) saved with MiniLM's real
     tokenizer, and train / dev / test CSV splits of 96 / 16 / 32 examples (``--task local``)."""
     from transformers import AutoTokenizer
 
@@ -53,7 +53,10 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("assets")
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    model = build_random_model("bert", "tiny", num_labels=2, seed=0, vocab_size=tokenizer.vocab_size)
+    # 128 positions: room for the local task's default --max-length
+    model = build_random_model(
+        "bert", "tiny", num_labels=2, seed=0, vocab_size=tokenizer.vocab_size, max_position_embeddings=128
+    )
     model.save_pretrained(root / "tiny-bert")
     tokenizer.save_pretrained(root / "tiny-bert")
     data = root / "data"

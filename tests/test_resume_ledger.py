@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from dpzo_engine.heads import SequenceClassificationHead
 from dpzo_engine.privacy import NotPrivateWarning, epsilon_spent
+from dpzo_engine.run import journal
 from dpzo_engine.run import run_dir as run_dir_module
 from dpzo_engine.run.run_dir import RunDir
 from dpzo_engine.run.session import Session
@@ -126,7 +127,7 @@ def test_kill_during_the_checkpoint_write(assets, tmp_path, monkeypatch, whole):
             torch.save(obj, tmp)
             os.truncate(tmp, tmp.stat().st_size // 2)
             raise Killed
-        original(obj, path)
+        return original(obj, path)
 
     monkeypatch.setattr(run_dir_module, "atomic_torch_save", half_then_die)
     with pytest.raises(Killed):
@@ -191,18 +192,18 @@ def test_a_row_cut_after_its_released_values_counts_and_is_redone_with_fresh_dra
     """The kill cuts step 6's row after ``"released"`` began: that release is counted (a void row),
     and step 6 is redone at the next secret address. ε covers 13 releases."""
     out = tmp_path / "run"
-    original = RunDir._append
+    original = journal.append
 
-    def cut_then_die(path, row):
+    def cut_then_die(path, row, previous):
         if row.get("type") == "step" and row["step"] == 6:
             data = json.dumps(row)
             cut = data.index('"released"') + len('"released": [0.')
             with open(path, "a") as f:
                 f.write(data[:cut])
             raise Killed
-        original(path, row)
+        return original(path, row, previous)
 
-    monkeypatch.setattr(RunDir, "_append", staticmethod(cut_then_die))
+    monkeypatch.setattr(journal, "append", cut_then_die)
     with pytest.raises(Killed):
         train_main(args(assets, out))  # a private run: secret key from OS entropy
     monkeypatch.undo()
@@ -263,13 +264,15 @@ def test_the_ctrl_c_hint_is_a_command_that_works(assets, tmp_path, monkeypatch, 
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
 
 
-def test_resume_of_a_run_killed_before_its_header_starts_it_again(assets, tmp_path, monkeypatch):
+def test_resume_of_a_run_killed_before_its_first_step_starts_it_again(assets, tmp_path, monkeypatch):
+    """Killed while evaluating the untrained model: the run exists (header, then config.json: the run
+    directory's commit, docs/run-directory.md) and has released nothing but its header."""
     out = tmp_path / "run"
     monkeypatch.setattr(Session, "evaluate", lambda self, split: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         train_main(args(assets, out))
     monkeypatch.undo()
-    assert (out / "config.json").exists() and not (out / "ledger.jsonl").exists()
+    assert (out / "config.json").exists() and [r["type"] for r in ledger_rows(out)] == ["header"]
     assert resume(out) == 0
     rows = ledger_rows(out)
     assert rows[0]["type"] == "header" and len(rows) == STEPS + 1

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpzo_engine.run import journal
+from dpzo_engine.run.run_dir import read_jsonl
 from dpzo_engine.train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
@@ -101,15 +103,15 @@ def test_replay_and_resume_refuse_another_stream_version(assets, tmp_path, capsy
     assert train_main(base_args(assets, out, "--steps", "4")) == 0  # leaves the step-2 checkpoint
     from dpzo_engine.replay import main as replay_main
 
-    lines = (out / "ledger.jsonl").read_text().splitlines()
-    header = json.loads(lines[0])
+    rows = read_jsonl(out / "ledger.jsonl")
+    header = rows[0]
     assert header["stream_version"] == 2
     capsys.readouterr()
     for recorded in (None, 1, 3):  # no field: a ledger from before versions existed, i.e. version 1
         edited = {k: v for k, v in header.items() if k != "stream_version"}
         if recorded is not None:
             edited["stream_version"] = recorded
-        (out / "ledger.jsonl").write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
+        (out / "ledger.jsonl").write_text(journal.write_lines([edited, *rows[1:]]))  # its chain stays consistent
         assert replay_main([str(out)]) == 2
         assert train_main([*base_args(assets, out, "--steps", "4"), "--resume"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -130,7 +132,7 @@ def run_cli(args: list[str], **kw) -> subprocess.Popen:
     )
 
 
-def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
+def test_resume_after_kill_matches_uninterrupted(assets, tmp_path, capsys):
     steps = ["--steps", "40", "--save-every", "5", "--noise-seed", "123"]
     whole = tmp_path / "whole"
     with pytest.warns(UserWarning):
@@ -143,16 +145,20 @@ def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert latest.exists(), "the run wrote no checkpoint before the deadline"
+    assert train_main(base_args(assets, killed, *steps, "--resume")) == 2  # a second writer, from another process
+    assert f"is in use by another run (pid {proc.pid}" in capsys.readouterr().err
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "summary.json").exists()
+    assert f"pid {proc.pid}" in (killed / ".lock").read_text()  # the kernel dropped the lock; its file stays
     with open(killed / "ledger.jsonl", "a") as f:  # a torn append, as if killed inside write()
         f.write('{"type": "step", "step": 9')
 
     resumed = run_cli(base_args(assets, killed, *steps, "--resume"))
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
+    assert "was left by a run that ended without releasing it" in err and not (killed / ".lock").exists()
     a = load_file(next((whole / "model").glob("*.safetensors")))
     b = load_file(next((killed / "model").glob("*.safetensors")))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -232,11 +238,15 @@ def test_subprocess_error_has_no_traceback(assets, tmp_path):
 
 def test_torn_last_log_line_is_dropped_and_corruption_elsewhere_is_reported(tmp_path):
     from dpzo_engine.core.errors import ConfigError
-    from dpzo_engine.run.run_dir import read_jsonl
 
     log = tmp_path / "ledger.jsonl"
-    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "se')
+    text = journal.write_lines([{"step": 1}, {"step": 2}, {"step": 3, "seeds": [1, 2]}])
+    log.write_text(text[:-20])  # the last append cut short by a kill: no newline
     assert read_jsonl(log) == [{"step": 1}, {"step": 2}]
-    log.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    lines = text.splitlines(keepends=True)
+    log.write_text(lines[0] + lines[1].replace("2", "5", 1) + lines[2])  # still JSON, but changed
+    with pytest.raises(ConfigError, match="line 2"):
+        read_jsonl(log)
+    log.write_text(lines[0] + lines[2])  # a line lost
     with pytest.raises(ConfigError, match="line 2"):
         read_jsonl(log)

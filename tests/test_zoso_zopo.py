@@ -14,6 +14,8 @@ from torch import nn
 from dpzo_engine import ops
 from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.replay import main as replay_main
+from dpzo_engine.run import journal
+from dpzo_engine.run.run_dir import read_jsonl
 from dpzo_engine.run.session import Session
 from dpzo_engine.train import main as train_main
 from dpzo_engine.zo.pruning import Mask
@@ -186,11 +188,11 @@ def test_resume_at_a_stage_boundary_matches_uninterrupted(assets, tmp_path, monk
 def test_replay_refuses_a_tampered_mask_record(assets, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(args(assets, out, "--method", "dp-zopo", "--prune-queries", "2")) == 0
-    rows = ledger(out)
+    rows = read_jsonl(out / "ledger.jsonl")
     for r in rows:
         if r["type"] == "stage" and "mask" in r:
             r["mask"]["sha256"] = "0" * 64
-    (out / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "ledger.jsonl").write_text(journal.write_lines(rows))  # a consistent chain: replay's own check
     capsys.readouterr()
     assert replay_main([str(out)]) == 2
     assert "mask differs" in capsys.readouterr().err

@@ -20,6 +20,16 @@ class ConfigError(UserError, ValueError):
     """Invalid user input (flags, config file, run directory): reported as one line, exit code 2."""
 
 
+class RunDirError(ConfigError):
+    """A run directory that cannot be used as it is: locked by another process, not writable, short of
+    space, or damaged (the message names the file)."""
+
+
+class TrainingDiverged(UserError):
+    """The weights (or a loss) left the range where training means anything; nothing after the last good
+    step was saved."""
+
+
 def report(exc: BaseException, code: int = 2) -> int:
     if os.environ.get("DPZO_DEBUG") == "1":
         traceback.print_exception(exc)

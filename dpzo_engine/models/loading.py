@@ -109,18 +109,38 @@ def _auto_class(head: str):
     return getattr(transformers, HEAD_MODEL_CLASSES[head])
 
 
-def model_kind(model: str = MINILM) -> str:
-    """``masked-lm``, ``causal-lm`` or ``encoder`` (no LM head, e.g. MiniLM): what ``--head auto``
-    needs to know, read from the checkpoint's config (its ``architectures``) without loading weights."""
+def model_config(model: str = MINILM) -> Any:
+    """The checkpoint's transformers config, read without loading any weights (a small JSON file)."""
     from transformers import AutoConfig
 
     source, local = resolve_model(model)
     offline = hub_offline()
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=bool(local or offline))
+        return AutoConfig.from_pretrained(source, local_files_only=bool(local or offline))
     except (OSError, ValueError) as exc:
         raise _load_error(exc, model, source, local, offline) from exc
-    return kind_of_config(config)
+
+
+def model_kind(model: str = MINILM) -> str:
+    """``masked-lm``, ``causal-lm`` or ``encoder`` (no LM head, e.g. MiniLM): what ``--head auto``
+    needs to know, read from the checkpoint's config (its ``architectures``) without loading weights."""
+    return kind_of_config(model_config(model))
+
+
+# Learned positions numbered from padding_idx + 1 (RoBERTa's convention): padding_idx + 1 rows are not usable.
+_POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer", "xmod")
+
+
+def max_positions(config: Any) -> int | None:
+    """Tokens one sequence may hold in this model (None when its config states no limit)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 0:
+            if getattr(config, "model_type", "") in _POSITIONS_AFTER_PADDING:
+                pad = getattr(config, "pad_token_id", None)
+                n -= (1 if pad is None else pad) + 1
+            return n
+    return None
 
 
 def _load_error(exc: BaseException, model: str, source: str, local: bool, offline: str | None) -> ModelError:

@@ -38,6 +38,7 @@ from ..data.squad import SQUAD_MAX_LENGTH
 from ..data.tasks import DEFAULT_MAX_LENGTH, TWEET_MAX_LENGTH
 from ..heads import HEAD_CHOICES
 from ..zo import pruning
+from ..zo.guard import DEFAULT_MAX_GROWTH
 from ..zo.private_zo import ZOOptions
 from ..zo.stagewise import StageOptions
 from . import options
@@ -56,6 +57,9 @@ DEFAULT_LR = {"zo": 5e-2, "first_order": 5e-4}  # when --lr is not given (zo: tu
 # K when --num-directions is not given: the papers' settings (DP-AggZO K = 64; the others one direction)
 DEFAULT_DIRECTIONS = {"dp-aggzo": 64, "dp-aggzo-perdir": 64}
 DEFAULT_BATCH_SIZE = 128  # when neither --batch-size nor --sample-rate is given
+# The PRV accountant's grid grows with T: 1e8 steps calibrate in ~10 s and 0.4 GB, 1e9 in ~50 s and 1 GB,
+# 1e12 does not finish. At K = 64 a ledger line is ~5 KB, so 1e8 steps would also write ~500 GB.
+MAX_STEPS = 10**8
 _STAGE = {f.name: f.default for f in dataclasses.fields(StageOptions)}
 STAGE_DEFAULTS = {  # dp-zoso / dp-zopo, when not given (the rest as StageOptions has them)
     "stages": 3,
@@ -164,7 +168,7 @@ class TrainConfig:
         "auto", "update rounding; auto: stochastic for bfloat16", group="method", choices=("auto", *ops.ROUNDINGS)
     )
     backend: str = option("auto", "kernel backend", group="method", choices=ops.BACKENDS)
-    steps: int = option(100, "training steps T", group="method")
+    steps: int = option(100, f"training steps T (at most {MAX_STEPS:.0e})", group="method")
     seed: int = option(0, "public master seed of the directions and the data splits", group="method", bounds=UINT64)
     # ---------------------------------------------------------------- privacy
     epsilon: float = option(2.0, "target ε; σ is calibrated for it with the PRV accountant", group="privacy")
@@ -259,7 +263,14 @@ class TrainConfig:
     )
     eval_batch_size: int = option(64, "examples per evaluation batch", group="bookkeeping", identity=False)
     max_eval_examples: int | None = option(
-        None, "cap on the examples of each evaluation", group="bookkeeping", shown="all"
+        None, "cap on the examples of each evaluation (at least 1)", group="bookkeeping", shown="all"
+    )
+    max_weight_growth: float = option(
+        DEFAULT_MAX_GROWTH,
+        "divergence guard: stop when rms of the trained weights exceeds this many times max(its start, λ); "
+        "0: stop only when they are not finite",
+        group="bookkeeping",
+        identity=False,  # a run the guard stopped may be resumed with a wider band
     )
     log_every: int = option(
         10, "log metrics (and compute ε exactly) every N steps", group="bookkeeping", identity=False
@@ -324,6 +335,7 @@ class TrainConfig:
             backend=self.backend,
             seed=self.seed,
             stages=self.stage_options(),
+            max_weight_growth=self.max_weight_growth,
         )
 
     def identity(self) -> dict:
@@ -376,8 +388,24 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if cfg.eval_every < 0:
         raise ConfigError("--eval-every must be >= 0 (0: evaluate only at the end)")
+    _validate_limits(cfg)
     _validate_stagewise(cfg)
     return cfg
+
+
+def _validate_limits(cfg: TrainConfig) -> None:
+    """Sizes a run can actually reach: a plan the accountant can calibrate, a non-empty evaluation."""
+    if cfg.steps > MAX_STEPS:
+        raise ConfigError(
+            f"--steps must be at most {MAX_STEPS:.0e} (privacy accounting and the ledger), got {cfg.steps}"
+        )
+    if cfg.max_eval_examples is not None and cfg.max_eval_examples < 1:
+        raise ConfigError(
+            f"--max-eval-examples must be at least 1 (omit it to evaluate all), got {cfg.max_eval_examples}"
+        )
+    g = cfg.max_weight_growth
+    if not (math.isfinite(g) and (g == 0 or g > 1)):
+        raise ConfigError(f"--max-weight-growth must be 0 (finiteness only) or a finite number > 1, got {g!r}")
 
 
 def resolve_defaults(cfg: TrainConfig) -> None:

@@ -15,12 +15,12 @@ redone, with the same draws.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.errors import ConfigError
+from ..core.errors import RunDirError
+from . import journal
+from .journal import Journal
 
 ROW_TYPES = ("header", "step", "stage", "void")
 
@@ -34,7 +34,7 @@ class Ledger:
     steps: list[dict] = field(default_factory=list)
     stages: dict[int, dict] = field(default_factory=dict)  # stage rows by the step that opens the stage
     voids: list[dict] = field(default_factory=list)
-    complete_bytes: int = 0  # length of the file up to the end of its last complete line
+    journal: Journal | None = None  # the file's lines and their checksum chain (journal.py)
     torn: bytes = b""  # an incomplete last line (cut by a kill), if any
 
     @property
@@ -53,47 +53,34 @@ class Ledger:
 
 
 def read_ledger(path: Path) -> Ledger:
-    """Parse and check ``path`` (missing: an empty ledger). Refuses, with the line, anything a run of
-    this engine cannot have written; a cut last line is kept aside in ``torn``."""
+    """Parse and check ``path`` (missing: an empty ledger): every line's checksum chain, then the rows'
+    order. Refuses, with the line, anything a run of this engine cannot have written; a cut last line is
+    kept aside in ``torn``."""
     ledger = Ledger(Path(path))
     if not ledger.path.exists():
         return ledger
-    data = ledger.path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    ledger.complete_bytes, ledger.torn = end, data[end:]
-    if ledger.torn:
-        try:  # a complete row whose newline was cut: keep it
-            json.loads(ledger.torn)
-            ledger.complete_bytes, ledger.torn = len(data), b""
-        except ValueError:
-            pass
-    for number, line in enumerate(data[: ledger.complete_bytes].splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{ledger.path} line {number}"
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise ConfigError(f"{where} is not valid JSON: the ledger is damaged") from None
-        _add(ledger, row, where)
+    ledger.journal = journal.read(ledger.path)
+    ledger.torn = ledger.journal.torn
+    for number, row in enumerate(ledger.journal.rows, 1):
+        _add(ledger, row, f"{ledger.path} line {number}")
     return ledger
 
 
 def _add(ledger: Ledger, row: dict, where: str) -> None:
-    kind = row.get("type") if isinstance(row, dict) else None
+    kind = row.get("type")
     if kind not in ROW_TYPES:
-        raise ConfigError(f"{where} is not a ledger row of this engine (type {kind!r}): the ledger is damaged")
+        raise RunDirError(f"{where} is not a ledger row of this engine (type {kind!r}): the ledger is damaged")
     if kind == "header":
         if ledger.header is not None or ledger.steps or ledger.voids:
-            raise ConfigError(f"{where}: a second header; a ledger has exactly one, first")
+            raise RunDirError(f"{where} is a second header: a ledger has exactly one, first")
         ledger.header = row
         return
     if ledger.header is None:
-        raise ConfigError(f"{where}: a {kind} row before the header; the ledger is damaged")
+        raise RunDirError(f"{where}: a {kind} row before the header; the ledger is damaged")
     step = row.get("step")
     expected = ledger.last_step + 1
     if step != expected:
-        raise ConfigError(f"{where}: a {kind} row for step {step} where step {expected} comes next; damaged")
+        raise RunDirError(f"{where} should be step {expected} and is a {kind} row for step {step}: damaged")
     if kind == "step":
         ledger.steps.append(row)
     elif kind == "stage":
@@ -102,26 +89,16 @@ def _add(ledger: Ledger, row: dict, where: str) -> None:
         ledger.voids.append(row)
 
 
-def seal(ledger: Ledger) -> dict | None:
-    """Make the file end with a complete line: drop a cut last line, and when it had begun to hold
-    released values, append the void row that keeps that release counted. Returns the row appended."""
-    if not ledger.torn:
+def void_for_torn_row(ledger: Ledger) -> dict | None:
+    """The void row that keeps a cut release counted (when the cut last line had begun to hold released
+    values), added to ``ledger.voids``; the caller writes it where the cut line was (``RunDir.continue_from``)."""
+    if not ledger.torn_release:
         return None
-    void = None
-    with open(ledger.path, "r+b") as f:
-        f.truncate(ledger.complete_bytes)
-        if ledger.torn_release:
-            void = {
-                "type": "void",
-                "step": ledger.last_step + 1,
-                "reason": "the row of this step was cut by a kill after its released values began to be written; "
-                "the release is counted and the step is redone with fresh secret draws",
-            }
-            f.seek(ledger.complete_bytes)
-            f.write((json.dumps(void) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
-    if void is not None:
-        ledger.voids.append(void)
-    ledger.complete_bytes, ledger.torn = ledger.path.stat().st_size, b""
+    void = {
+        "type": "void",
+        "step": ledger.last_step + 1,
+        "reason": "the row of this step was cut by a kill after its released values began to be written; "
+        "the release is counted and the step is redone with fresh secret draws",
+    }
+    ledger.voids.append(void)
     return void

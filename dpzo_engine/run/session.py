@@ -7,6 +7,7 @@ subset and dtype give the same starting buffers, which the ledger header fingerp
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -14,21 +15,22 @@ import torch
 from torch import nn
 
 from .. import privacy
-from ..core import stream
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, TrainingDiverged
 from ..core.flat import FlatParams
 from ..data import get_task
 from ..heads import build_head, count_at_length, evaluate, resolve_head
-from ..models.loading import load_model_and_tokenizer, model_kind, select_trainable
+from ..models.loading import kind_of_config, load_model_and_tokenizer, max_positions, model_config, select_trainable
 from ..models.prefix_cache import cached_prefix, frozen_prefix_length
 from ..zo.engine import PassCounter
+from ..zo.guard import rms
 from ..zo.private_zo import PrivateZO
 from ..zo.rules import Released
 from ..zo.step import StepRecord, check_stage_event
+from . import preflight
 from .config import TrainConfig
-from .ledger import Ledger, read_ledger, seal
+from .ledger import Ledger, void_for_torn_row
 from .model_card import label_model_config, write_model_card
-from .run_dir import RunDir, read_jsonl
+from .run_dir import RunDir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,14 +114,14 @@ class Session:
             cfg.task, data_dir=cfg.data_dir, seed=data_seed, k_shot=cfg.k_shot, num_train=cfg.num_train,
             num_dev=cfg.num_dev,
         )  # fmt: skip
-        self.head_name = resolve_head(cfg.head, self.task, model_kind(cfg.model))  # auto: task + model decide
+        config = model_config(cfg.model)  # the model's config.json only: checks before its weights load
+        self.head_name = resolve_head(cfg.head, self.task, kind_of_config(config))  # auto: task + model decide
         n = len(self.task.train)
         if cfg.sample_rate is None and cfg.batch_size > n and not cfg.count_share:
             raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
-        self.ledger: Ledger | None = read_ledger(run.ledger_path) if resuming else None  # checked before any write
-        if self.ledger is not None:
-            stream.check_version(self.ledger.header.get("stream_version"), f"--resume: {run.ledger_path}")
+        self.ledger: Ledger | None = run.state.ledger if resuming else None  # verified (integrity.py), unedited
         self.max_length = cfg.max_length or self.task.max_length
+        self._check_positions(config)
         self.model, self.tokenizer, self.trainable, self.flat = build_model(cfg, self.task.num_labels, self.head_name)
         self.device = self.flat.device
         extra = {"max_new_tokens": cfg.max_new_tokens} if self.head_name == "causal-generation" else {}
@@ -143,19 +145,47 @@ class Session:
             print(f"note: {line}", file=sys.stderr)
         self.sample_rate = self.plan.sample_rate
         self.sigma, self.accountant, self.sampler = self.plan.noise_multiplier, self.plan.accountant, self.plan.sampler
-        self.engine = self._build_engine()
+        self.engine = self._build_engine()  # refuses a λ whose restore would lose the weights (zo.guard)
         self.loss_meter = LossMeter()
         self.start_step = 0
         self.logged_stages: set[int] = set()  # stage rows already in the ledger (a resume re-enters their stage)
+        state = self._load_resume_state(run) if resuming else None  # every check passes before any edit
+        done = self.ledger.last_step if resuming else 0
+        run.check_free_space(self._space_needed(cfg.steps - done))
         if resuming:
-            self._resume(run)
+            self._resume(run, state)
         else:
-            run.start(cfg)
             if not self.plan.reproducible:
-                self.plan.generator.save(run.secret_path)  # before the first release (the header's count)
+                run.save_secret(self.plan.generator)  # before the first release (the header's count)
+            run.start(cfg, self._ledger_header())  # header, metrics, then config.json: the run exists
             self.untrained = self.evaluate("test")
-            run.log_ledger(self._ledger_header())
             run.log_metrics({"step": 0, "split": "test", **self.untrained})
+
+    def _check_positions(self, config) -> None:
+        """--max-length (plus the decoded answer, for generation) fits the model's positions, found from its
+        config before the weights load, not as an index error at the first step. A task's default length
+        is capped at the model's (with a note); a length the user asked for is refused."""
+        limit = max_positions(config)
+        extra = self.cfg.max_new_tokens if self.head_name == "causal-generation" else 0
+        if limit is None or self.max_length + extra <= limit:
+            return
+        what = f"--max-length {self.max_length}" + (f" + --max-new-tokens {extra}" if extra else "")
+        if self.cfg.max_length is not None or limit - extra < 1:
+            raise ConfigError(f"{what} exceeds the {limit} positions of model {self.cfg.model}")
+        print(
+            f"note: {what} (the task's default) exceeds the model's {limit} positions; using --max-length "
+            f"{limit - extra}",
+            file=sys.stderr,
+        )
+        self.max_length = limit - extra
+
+    def _space_needed(self, steps_left: int) -> dict[str, int]:
+        """What the rest of the run writes (preflight.estimate_bytes), from the loaded model's sizes."""
+        model_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        zo = getattr(self, "zo", None)  # first-order runs keep no checkpoints and write no directions
+        checkpoint_bytes = sum(b.numel() * b.element_size() for b in self.flat.buffers) if zo is not None else 0
+        k = self.cfg.num_directions if zo is not None else 0
+        return preflight.estimate_bytes(model_bytes, checkpoint_bytes, steps_left, k, self.cfg.log_every)
 
     def _secret_generator(self, run: RunDir) -> privacy.SecretGenerator:
         """The run's key: a debug seed's, the one the run saved (a resume), or a fresh one."""
@@ -264,28 +294,56 @@ class Session:
         }
         run.save_checkpoint(step, state)
 
-    def _resume(self, run: RunDir) -> None:
+    def _check_base_model(self, run: RunDir) -> None:
+        """The freshly loaded weights are the ones the ledger's run started from."""
+        if fingerprint(self.flat) != run.state.header.get("initial_sha256"):
+            raise ConfigError(
+                f"--resume: the model's starting weights differ from those {run.ledger_path} was made from "
+                "(initial_sha256): the model files changed since the run started"
+            )
+
+    def _load_resume_state(self, run: RunDir) -> dict | None:
+        """The checkpoint's state, checked against this session's buffers; None without a checkpoint."""
+        self._check_base_model(run)
+        if run.state.checkpoint is None:
+            return None
+        state, _ = run.load_checkpoint()
+        path = run.state.checkpoint.path / "state.pt"
+        try:
+            buffers, step = state["buffers"], int(state["step"])
+            shapes_match = len(buffers) == len(self.flat.buffers) and all(
+                b.shape == f.shape and b.dtype == f.dtype for b, f in zip(buffers, self.flat.buffers)
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ConfigError(f"{path} does not hold a training state: the checkpoint is damaged") from None
+        if not shapes_match:
+            raise ConfigError(f"{path} holds parameter buffers of other shapes than this model's trainable ones")
+        if step != run.state.checkpoint.step:
+            raise ConfigError(f"{path} holds step {step}, its manifest says {run.state.checkpoint.step}")
+        return state
+
+    def _resume(self, run: RunDir, state: dict | None) -> None:
         """Continue from the ledger: the last checkpoint (or the base model), then every released
         step past it re-applied from its ledger row (no data, no forward), then new steps at the
-        next secret address. Nothing released is ever computed again."""
+        next secret address. Nothing released is ever computed again. The directory is edited only
+        once all of it has succeeded in memory (``run.continue_from``)."""
         ledger = self.ledger
-        state = run.load_checkpoint()
         if state is not None:
             self.flat.load_buffers([b.to(self.device) for b in state["buffers"]])
             self.zo.load_state_dict(state["zo"])
             self.untrained = state["untrained"]
         else:
-            if fingerprint(self.flat) != ledger.header["initial_sha256"]:
-                raise ConfigError("--resume: the base model differs from the one this run started from")
             self.untrained = self._untrained_from_metrics(run)
-        void = seal(ledger)  # a row cut by the kill: dropped, and counted if it had begun to release
-        if void is not None:
-            print(f"note: the ledger's last row (step {void['step']}) was cut by the kill: {void['reason']}",
-                  file=sys.stderr)  # fmt: skip
+        void = void_for_torn_row(ledger)  # a row cut by the kill after it began to release: counted
         replayed = self.zo.resume(ledger.steps, ledger.stages, ledger.releases)
         self.logged_stages = set(ledger.stages)
         self.start_step = self.zo.steps_done
-        run.trim_metrics(self.start_step)
+        metrics = run.state.metrics.rows
+        keep = next((i for i, row in enumerate(metrics) if row["step"] > self.start_step), len(metrics))
+        run.continue_from(keep, [void] if void is not None else [])  # the first edit of the directory
+        if void is not None:
+            print(f"note: the ledger's last row (step {void['step']}) was cut by the kill: {void['reason']}",
+                  file=sys.stderr)  # fmt: skip
         print(
             f"resuming {run.path} at step {self.start_step}: {replayed} released steps re-applied from the ledger "
             f"({'checkpoint at step ' + str(state['step']) if state else 'no checkpoint: from the base model'})",
@@ -294,19 +352,25 @@ class Session:
 
     def _untrained_from_metrics(self, run: RunDir) -> dict:
         """The base model's test scores, as logged before step 1 (evaluated again if that line is gone)."""
-        for row in read_jsonl(run.metrics_path):
+        for row in run.state.metrics.rows:
             if row.get("step") == 0 and row.get("split") == "test":
                 return {k: v for k, v in row.items() if k not in ("step", "split")}
         return self.evaluate("test")
 
     # ------------------------------------------------------------------ finish
     def finalize(self, run: RunDir, elapsed: float) -> dict:
+        if not math.isfinite(rms(self.flat)):  # the last line of defence: never save a non-finite model
+            raise TrainingDiverged("the trained weights are not finite; the model was not saved")
         final = self.evaluate("test")
         run.log_metrics({"step": self.cfg.steps, "split": "test", **final})
         label_model_config(self.model.config, self.task, self.head)
-        save_model(self.model, self.tokenizer, run.model_dir)
         record = self.privacy_record(run)
-        write_model_card(run.model_dir, self.cfg, self.task, self.head, record, final)
+
+        def write(directory) -> None:  # into a temporary directory that replaces model/ whole
+            save_model(self.model, self.tokenizer, directory)
+            write_model_card(directory, self.cfg, self.task, self.head, record, final)
+
+        run.save_model(write)
         summary = {
             "method": self.cfg.method,
             "steps": self.cfg.steps,

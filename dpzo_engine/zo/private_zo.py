@@ -34,6 +34,7 @@ from ..core.flat import FlatParams
 from ..privacy import GaussianMechanism
 from ..privacy.plan import PrivacyPlan
 from .engine import ZOEngine
+from .guard import DEFAULT_MAX_GROWTH, DivergenceGuard, check_perturbation_scale
 from .rules import MeZORule, PrivateRule
 from .stagewise import StageOptions, build_stagewise
 from .step import LossFn, StepRecord, ZOStep, check_stage_event, replay_step
@@ -57,6 +58,17 @@ class ZOOptions:
     backend: str = "auto"
     seed: int = 0  # the public master seed of the direction stream
     stages: StageOptions | None = field(default=None)  # DP-ZOSO / DP-ZOPO attachments
+    max_weight_growth: float = DEFAULT_MAX_GROWTH  # divergence band on rms θ (guard.py); 0: finiteness only
+
+    def perturbation_scales(self) -> dict[str, float]:
+        """Every λ the run will use, by the flag that sets it (DP-ZOSO's schedule is geometric between its ends)."""
+        scales = {"--zo-eps": self.zo_eps}
+        if self.stages is not None:
+            for name in ("zo_scale_start", "zo_scale_end"):
+                value = getattr(self.stages, name)
+                if value is not None:
+                    scales["--" + name.replace("_", "-")] = value
+        return scales
 
     @property
     def private(self) -> bool:
@@ -76,6 +88,9 @@ class PrivateZO:
             raise ConfigError(f"method {options.method} needs a {'private' if options.private else 'non-private'} plan")
         self.model, self.plan, self.options, self.steps = model, plan, options, steps
         self.flat = flat if flat is not None else FlatParams(model)
+        for name, zo_eps in options.perturbation_scales().items():
+            check_perturbation_scale(self.flat, zo_eps, name)  # before anything perturbs θ
+        self.guard = DivergenceGuard(self.flat, options.max_weight_growth)
         self.engine = ZOEngine(self.flat, options.direction_kind, options.backend, options.difference)
         stage_opts = options.stages or StageOptions(steps, options.lr, options.zo_eps)
         self.stages = build_stagewise(stage_opts, model, self.flat, self.engine)
@@ -130,10 +145,12 @@ class PrivateZO:
 
     def step(self, loss_fn: LossFn | None, forwards: AbstractContextManager | None = None) -> StepRecord:
         """One release: estimate along K directions, clip, noise, update; counted by the accountant.
-        ``loss_fn()`` returns the per-example losses of the sampled batch; None for an empty batch."""
+        ``loss_fn()`` returns the per-example losses of the sampled batch; None for an empty batch.
+        Raises TrainingDiverged when θ leaves the guard's band (``zo.guard``): record nothing of that step."""
         if self.options.private:
             self.rule.mechanism.seek(self.plan.releases)
         record = self._step(self.steps_done, loss_fn, forwards)
+        self.guard.check(self.steps_done + 1, record.coefs, record.zo_eps)  # TrainingDiverged: record nothing
         self.plan.accountant.step()
         self.steps_done += 1
         return record

@@ -96,8 +96,9 @@ class FirstOrderSession(Session):
         return summary
 
 
-def train(cfg: TrainConfig, run: RunDir, s: FirstOrderSession) -> dict:
-    """The DP-AdamW / AdamW loop: sample, step, account, log (the ZO loop's bookkeeping)."""
+def train(cfg: TrainConfig, run: RunDir, s: FirstOrderSession, signals=None) -> dict:
+    """The DP-AdamW / AdamW loop: sample, step, account, log (the ZO loop's bookkeeping). It keeps no
+    checkpoints, so ``signals`` (the ZO loop's deferred stop) is not used: a signal ends it at once."""
     bar = tqdm(range(cfg.steps), total=cfg.steps, desc=cfg.method, unit="step")
     t0 = time.time()
     nan = float("nan")

@@ -13,17 +13,13 @@ import torch
 from torch import nn
 
 from ... import privacy
-from ...core.errors import UserError
+from ...core.errors import TrainingDiverged, UserError
 from ...heads import Batch, LossHead
 from ...zo.engine import PassCounter
 from .opacus_compat import OpacusCompat, OpacusModeError, ParameterUseAudit, choose_opacus_mode
 
 HALF_PRECISION = (torch.float16, torch.bfloat16)
 HALF_PRECISION_CLIP_MARGIN = 2.0**-6  # relative: covers a few bf16 roundings (2^-8 each) of the norms
-
-
-class TrainingDiverged(UserError):
-    """A per-example loss became NaN or infinite; its gradient cannot be clipped meaningfully."""
 
 
 # ----------------------------------------------------------------------------- optimisers
