@@ -26,6 +26,7 @@ setup(
         "datasets>=2.20",
         "safetensors",
         "tqdm",
+        "peft>=0.21",  # --peft lora|prefix (tested with 0.21.2)
     ],
     extras_require={
         "triton": ["triton>=3.0"],

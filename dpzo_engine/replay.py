@@ -22,14 +22,15 @@ from .core.errors import ConfigError, UserError, report
 from .run.config import FIRST_ORDER_METHODS, TrainConfig
 from .run.integrity import verify_config
 from .run.run_dir import RunDir, check_model_sums, read_jsonl
-from .run.session import build_model, fingerprint, save_model
+from .run.session import Built, build_model, fingerprint, save_model
 from .zo.engine import ZOEngine
 from .zo.stagewise import build_stagewise
 from .zo.step import check_stage_event, replay_step
 
 
-def replay(run_dir: str | Path, backend: str | None = None):
-    """Returns (model, tokenizer, flat) with the ledger's updates applied to the base model."""
+def replay(run_dir: str | Path, backend: str | None = None) -> tuple[Built, int]:
+    """The run's model (``Built``: model, tokenizer, flat buffer, adapter) with the ledger's updates
+    applied to the base model, and the number of steps replayed."""
     run = RunDir(run_dir)
     if not run.config_path.exists():
         raise ConfigError(f"{run.path} holds no run (no config.json)")
@@ -39,29 +40,33 @@ def replay(run_dir: str | Path, backend: str | None = None):
     header, steps = run.ledger()
     stream.check_version(header.get("stream_version"), str(run.ledger_path))
     num_labels = int(header.get("num_labels", 2))
-    model, tokenizer, _, flat = build_model(cfg, num_labels, header.get("head", "sequence-classification"))
+    built = build_model(cfg, num_labels, header.get("head", "sequence-classification"))
+    flat = built.flat
     if fingerprint(flat) != header["initial_sha256"]:
         raise ConfigError("the base model differs from the one this run started from (initial_sha256 mismatch)")
     engine = ZOEngine(flat, header["direction_kind"], backend or header["backend"], header["difference"])
-    stages = build_stagewise(cfg.stage_options(), model, flat, engine)
+    stages = build_stagewise(cfg.stage_options(), built.model, flat, engine)
     events = {r["step"]: r for r in read_jsonl(run.ledger_path) if r.get("type") == "stage"}
     for row in steps:
         event = replay_step(engine, stages, row, header["rounding"])
         if event is not None:  # a recomputed data-free mask must match the ledger's
             check_stage_event(event, events.get(row["step"]))
-    return model, tokenizer, flat, len(steps)
+    return built, len(steps)
 
 
-def compare_with_saved(model: torch.nn.Module, model_dir: Path) -> tuple[int, int]:
-    """(#tensors differing, #tensors compared) between ``model`` and a saved safetensors dir."""
+def compare_with_saved(built: Built, model_dir: Path) -> tuple[int, int]:
+    """(#tensors differing, #tensors compared) between the replayed model (its adapter's tensors with
+    ``--peft``, as ``save_pretrained`` names them) and a saved safetensors dir."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{model_dir} has no safetensors files to compare with")
     saved: dict[str, torch.Tensor] = {}
     for f in files:
         saved.update(load_file(f))
-    ours = model.state_dict()
+    ours = built.adapter.state_dict() if built.adapter is not None else built.model.state_dict()
     common = [k for k in saved if k in ours]
+    if not common:
+        raise ConfigError(f"{model_dir} holds none of the replayed model's tensors (another model or adapter?)")
     differing = sum(not same_bits(ours[k].cpu(), saved[k]) for k in common)
     return differing, len(common)
 
@@ -81,14 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="compare with RUN_DIR/model bit for bit")
     args = p.parse_args(argv)
     try:
-        model, tokenizer, _, n = replay(args.run_dir, args.backend)
-        if args.out:
-            save_model(model, tokenizer, Path(args.out))
+        built, n = replay(args.run_dir, args.backend)
+        if args.out:  # the adapter alone for --peft runs, as training saved it
+            if built.adapter is not None:
+                built.adapter.save(Path(args.out), built.tokenizer)
+            else:
+                save_model(built.model, built.tokenizer, Path(args.out))
         result = {"run_dir": args.run_dir, "steps_replayed": n, "saved_to": args.out}
         if args.verify:
             model_dir = RunDir(args.run_dir).model_dir
             check_model_sums(model_dir)  # a damaged file is named, not reported as a differing tensor
-            differing, compared = compare_with_saved(model, model_dir)
+            differing, compared = compare_with_saved(built, model_dir)
             result.update(tensors_compared=compared, tensors_differing=differing, identical=differing == 0)
         print(json.dumps(result))
         return 0 if result.get("identical", True) else 1

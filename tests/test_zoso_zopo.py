@@ -145,7 +145,8 @@ def test_dp_zopo_trains_only_the_masked_weights(assets, tmp_path):
     from dpzo_engine.zo.stagewise import build_stagewise
 
     cfg = TrainConfig(**json.loads((out / "config.json").read_text()))
-    model, _, _, flat = build_model(cfg, 2)
+    built = build_model(cfg, 2)
+    model, flat = built.model, built.flat
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     stages = build_stagewise(cfg.stage_options(), model, flat, ZOEngine(flat, backend="cpu"))
     stages.enter_stage(0)  # the static mask, recomputed from public values

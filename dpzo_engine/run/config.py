@@ -37,6 +37,7 @@ from ..data import TASKS
 from ..data.squad import SQUAD_MAX_LENGTH
 from ..data.tasks import DEFAULT_MAX_LENGTH, TWEET_MAX_LENGTH
 from ..heads import HEAD_CHOICES
+from ..models.adapters import PEFT_KINDS, AdapterOptions, check_options, split_names
 from ..zo import pruning
 from ..zo.guard import DEFAULT_MAX_GROWTH
 from ..zo.private_zo import ZOOptions
@@ -74,6 +75,7 @@ MASK_KEYS = ("keep_fraction", "mask_strategy", "prune_queries", "rank_bins")
 GROUPS = {  # argument groups of --help and the README, in this order
     "data": "model and data",
     "method": "method",
+    "peft": "parameter-efficient fine-tuning (LoRA, prefix-tuning through PEFT)",
     "privacy": "privacy",
     "stagewise": "stagewise schedule and pruning (dp-zoso, dp-zopo)",
     "first_order": "first-order baselines (dp-adamw, adamw)",
@@ -90,6 +92,9 @@ def _k_defaults() -> str:
     for method, k in DEFAULT_DIRECTIONS.items():
         by_k.setdefault(k, []).append(method)
     return ", ".join(f"{k} for {' and '.join(ms)}" for k, ms in by_k.items()) + ", else 1"
+
+
+_ADAPTER = AdapterOptions()  # the adapter's defaults, quoted by the --peft flags' help
 
 
 @dataclass
@@ -137,10 +142,12 @@ class TrainConfig:
         f"BoolQ 384, SQuAD {SQUAD_MAX_LENGTH}",
     )
     max_new_tokens: int = option(50, "causal-generation: tokens decoded greedily per answer", group="data")
-    trainable: str = option(
-        "head",
-        "which parameters train: all, head, last:N, bias, layernorm, embeddings, re:<regex>; comma-joined",
+    trainable: str | None = option(
+        None,
+        "which parameters train: all, head, last:N, bias, layernorm, embeddings, re:<regex>; comma-joined. "
+        "With --peft: the whole modules trained and saved beside the adapter, or none",
         group="data",
+        shown="head; none with --peft",
     )
     dtype: str = option("float32", "parameter dtype", group="data", choices=DTYPES)
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", group="data", identity=False)
@@ -170,6 +177,46 @@ class TrainConfig:
     backend: str = option("auto", "kernel backend", group="method", choices=ops.BACKENDS)
     steps: int = option(100, f"training steps T (at most {MAX_STEPS:.0e})", group="method")
     seed: int = option(0, "public master seed of the directions and the data splits", group="method", bounds=UINT64)
+    # ---------------------------------------------------------------- parameter-efficient fine-tuning
+    peft: str = option(
+        "none",
+        "train a LoRA or prefix-tuning adapter built with PEFT instead of the model's weights; the run saves the "
+        "adapter (PEFT's format)",
+        group="peft",
+        choices=PEFT_KINDS,
+    )
+    lora_r: int | None = option(None, "LoRA rank r", group="peft", shown=str(_ADAPTER.r))
+    lora_alpha: float | None = option(
+        None, "LoRA scale: the update is (alpha/r)·BA", group="peft", shown=f"{_ADAPTER.alpha:g}"
+    )
+    lora_dropout: float | None = option(
+        None,
+        "LoRA dropout; must be 0 for the ZO methods (the two losses of a derivative need one deterministic "
+        "function), may be set for dp-adamw",
+        group="peft",
+        shown=f"{_ADAPTER.dropout:g}",
+    )
+    target_modules: str | None = option(
+        None,
+        "modules LoRA adapts: comma-separated names (matched as suffixes) or re:<regex> (matched in full)",
+        group="peft",
+        shown="PEFT's for the architecture: the query and value projections",
+    )
+    lora_layers: str | None = option(
+        None,
+        "blocks LoRA adapts: all, last:N (the blocks below then run once per step), or indices i,j,...",
+        group="peft",
+        shown=_ADAPTER.layers,
+    )
+    num_virtual_tokens: int | None = option(
+        None, "prefix-tuning: virtual key/value tokens per block", group="peft", shown=str(_ADAPTER.num_virtual_tokens)
+    )
+    merge_adapter: bool = option(
+        False,
+        "--peft lora: also save the adapter merged into a plain transformers model (model-merged/)",
+        group="peft",
+        identity=False,
+    )
     # ---------------------------------------------------------------- privacy
     epsilon: float = option(2.0, "target ε; σ is calibrated for it with the PRV accountant", group="privacy")
     delta: float = option(1e-5, "target δ", group="privacy")
@@ -320,6 +367,22 @@ class TrainConfig:
             **given,
         )
 
+    def adapter_options(self) -> AdapterOptions | None:
+        """The adapter --peft asks for, as plain values (None: no adapter)."""
+        if self.peft == "none":
+            return None
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return AdapterOptions(
+            kind=self.peft,
+            r=pick(self.lora_r, _ADAPTER.r),
+            alpha=pick(self.lora_alpha, _ADAPTER.alpha),
+            dropout=pick(self.lora_dropout, _ADAPTER.dropout),
+            target_modules=split_names(self.target_modules),
+            layers=pick(self.lora_layers, _ADAPTER.layers),
+            num_virtual_tokens=pick(self.num_virtual_tokens, _ADAPTER.num_virtual_tokens),
+            trainable=self.trainable,
+        )
+
     def zo_options(self) -> ZOOptions:
         """The ZO step's knobs as plain values (``PrivateZO``)."""
         return ZOOptions(
@@ -360,6 +423,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     checks too), then resolve the defaults that depend on other values."""
     options.check_types(cfg)
     resolve_defaults(cfg)
+    _validate_peft(cfg)
     if cfg.method == "dpzero" and cfg.num_directions != 1:
         raise ConfigError("--method dpzero uses one direction per step; drop --num-directions or set it to 1")
     if not 1 <= cfg.num_directions <= ops.MAX_DIRECTIONS_PER_PASS - 1:
@@ -417,6 +481,8 @@ def resolve_defaults(cfg: TrainConfig) -> None:
         cfg.lr = DEFAULT_LR["first_order" if cfg.method in FIRST_ORDER_METHODS else "zo"]
     if cfg.sample_rate is None and cfg.batch_size is None:
         cfg.batch_size = DEFAULT_BATCH_SIZE
+    if cfg.trainable is None:  # with an adapter, the adapter alone (a sequence classifier always trains beside it)
+        cfg.trainable = "head" if cfg.peft == "none" else "none"
     _check_stagewise_applies(cfg)
     if cfg.method in STAGEWISE_METHODS:
         keys = STAGE_DEFAULTS if cfg.method == "dp-zopo" else {k: STAGE_DEFAULTS[k] for k in ("stages", "lr_decay")}
@@ -465,6 +531,28 @@ def _validate_stagewise(cfg: TrainConfig) -> None:
     StageSchedule(cfg.steps, cfg.stages, cfg.lr, cfg.zo_scale_start, cfg.zo_scale_end, cfg.lr_decay)  # checks them
     if cfg.method == "dp-zopo":
         pruning.check_options(cfg.keep_fraction, cfg.mask_strategy, cfg.prune_queries, cfg.rank_bins)
+
+
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_layers")
+
+
+def _validate_peft(cfg: TrainConfig) -> None:
+    """--peft and its knobs: refused where they would be ignored, checked where they apply."""
+    given = [k for k in (*LORA_KEYS, "num_virtual_tokens") if getattr(cfg, k) is not None]
+    wrong = [k for k in given if (k in LORA_KEYS) != (cfg.peft == "lora")]
+    if wrong:
+        kind = "lora" if wrong[0] in LORA_KEYS else "prefix"
+        raise ConfigError(f"--{wrong[0].replace('_', '-')} applies to --peft {kind} only")
+    if cfg.merge_adapter and cfg.peft != "lora":
+        why = "prefix-tuning's virtual key/values are inputs, not weights" if cfg.peft == "prefix" else "no adapter"
+        raise ConfigError(f"--merge-adapter applies to --peft lora only ({why})")
+    if cfg.peft == "none":
+        return
+    if cfg.peft == "prefix" and cfg.method in FIRST_ORDER_METHODS:
+        raise ConfigError(f"--peft prefix is not supported with --method {cfg.method}; use --peft lora")
+    if cfg.method in STAGEWISE_METHODS:
+        raise ConfigError(f"--peft is not supported with --method {cfg.method} (its mask and anchor assume no adapter)")
+    check_options(cfg.adapter_options(), zeroth_order=cfg.method not in FIRST_ORDER_METHODS)  # one error: line
 
 
 def _validate_first_order(cfg: TrainConfig) -> None:

@@ -39,17 +39,29 @@ def _prompt(head) -> dict | None:
     return None
 
 
-def write_model_card(model_dir: Path, cfg: TrainConfig, task: TaskData, head, record: dict, final_scores: dict) -> None:
+def write_model_card(
+    model_dir: Path,
+    cfg: TrainConfig,
+    task: TaskData,
+    head,
+    record: dict,
+    final_scores: dict,
+    adapter: dict | None = None,
+) -> None:
+    """``adapter``: the PEFT adapter's facts (``Adapter.describe``) when ``model_dir`` holds an adapter."""
     model_dir = Path(model_dir)
     (model_dir / "privacy.json").write_text(json.dumps(record, indent=2) + "\n")
-    (model_dir / "README.md").write_text(_card(cfg, task, head, record, final_scores))
+    (model_dir / "README.md").write_text(_card(cfg, task, head, record, final_scores, adapter))
 
 
-def _card(cfg: TrainConfig, task: TaskData, head, record: dict, scores: dict) -> str:
+def _card(cfg: TrainConfig, task: TaskData, head, record: dict, scores: dict, adapter: dict | None = None) -> str:
     tags = ["dpzo-engine", cfg.method, "zeroth-order" if cfg.method not in ("dp-adamw", "adamw") else "first-order"]
     if record["private"]:
         tags.append("differential-privacy")
-    front = ["---", "library_name: transformers", f"pipeline_tag: {_pipeline(task)}", "tags:"]
+    if adapter is not None:
+        tags.append(adapter["kind"])
+    library = "peft" if adapter is not None else "transformers"
+    front = ["---", f"library_name: {library}", f"pipeline_tag: {_pipeline(task)}", "tags:"]
     front += [f"- {t}" for t in tags]
     if "/" in cfg.model and not Path(cfg.model).exists():
         front.append(f"base_model: {cfg.model}")
@@ -73,6 +85,11 @@ def _card(cfg: TrainConfig, task: TaskData, head, record: dict, scores: dict) ->
             ("ledger sha256", f"`{record['ledger_sha256']}`"),
         ]
     )
+    if adapter is not None:
+        lines += ["", "## Adapter", ""]
+        lines += [f"A PEFT {adapter['kind']} adapter; the base model's own weights are unchanged. Load the base model"]
+        lines += [f"({cfg.model}, with these labels), then `peft.PeftModel.from_pretrained(base, <this directory>)`."]
+        lines += ["", *_table([(k, v) for k, v in adapter.items() if k != "kind"])]
     prompt = _prompt(head)
     lines += ["", "## Labels", ""]
     if task.is_generation:

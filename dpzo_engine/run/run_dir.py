@@ -14,7 +14,9 @@ Layout:
     checkpoint/LATEST        name of the newest complete checkpoint directory
     checkpoint/step-NNNNNNN/ state.pt (public state: parameter buffers, step, accountant),
                              manifest.json (step, size and sha256 of state.pt, the log lines it follows)
-    model/                   save_pretrained (safetensors) + tokenizer + model card + privacy.json + SHA256SUMS
+    model/                   save_pretrained (safetensors) + tokenizer + model card + privacy.json + SHA256SUMS;
+                             with --peft the adapter alone (PEFT's format)
+    model-merged/            --peft lora --merge-adapter: the adapter merged into a plain model (+ SHA256SUMS)
     summary.json             final accuracies, ε spent, timings (strict JSON: no NaN)
 
 Protocol (docs/run-directory.md says why each step is there):
@@ -29,7 +31,8 @@ Protocol (docs/run-directory.md says why each step is there):
 4. A checkpoint is written complete under ``checkpoint/.tmp.*``, renamed to ``step-N``, then ``LATEST``
    is replaced atomically, then the superseded checkpoints are removed. A kill between the last two
    leaves one the next start removes before anything else.
-5. The model is written complete under ``.tmp.*`` and renamed to ``model/``; summary.json comes last.
+5. The model is written complete under ``.tmp.*`` and renamed to ``model/`` (and ``model-merged/``);
+   summary.json comes last.
 6. ``release`` (any exit) drops the lock; ``abandon`` (set-up failed before ``start``) also removes
    what ``acquire`` and ``save_secret`` created, so a refused run leaves nothing behind.
 
@@ -82,6 +85,7 @@ class RunDir:
         self.ledger_path = self.path / "ledger.jsonl"
         self.checkpoint_dir = self.path / "checkpoint"
         self.model_dir = self.path / "model"
+        self.merged_dir = self.path / "model-merged"
         self.summary_path = self.path / "summary.json"
         self.secret_path = self.path / "secret.key"
         self.lock = RunLock(self.path)
@@ -140,7 +144,7 @@ class RunDir:
                 raise RunDirError(
                     f"{self.path} already holds a run; pass --resume to continue it or pick another --output-dir"
                 )
-            foreign = [n for n in ("checkpoint", "model", "summary.json") if (self.path / n).exists()]
+            foreign = [n for n in ("checkpoint", "model", "model-merged", "summary.json") if (self.path / n).exists()]
             if foreign:
                 raise RunDirError(
                     f"{self.path} holds {foreign[0]} but no config.json: not a run this program can continue or "
@@ -295,9 +299,11 @@ class RunDir:
         return loaded["state.pt"], loaded.get("secret.pt")
 
     # ------------------------------------------------------------------ final outputs
-    def save_model(self, write: Callable[[Path], None]) -> None:
-        """``write(directory)`` fills a temporary directory; it gets SHA256SUMS and replaces model/ whole."""
-        tmp = tmp_name(self.model_dir)
+    def save_model(self, write: Callable[[Path], None], target: Path | None = None) -> None:
+        """``write(directory)`` fills a temporary directory; it gets SHA256SUMS and replaces ``target``
+        (model/, or model-merged/) whole."""
+        target = self.model_dir if target is None else target
+        tmp = tmp_name(target)
         remove(tmp)
         tmp.mkdir()
         try:
@@ -309,9 +315,9 @@ class RunDir:
                 _fsync_file(p)
             fsync_dir(tmp)
             old = tmp.with_name(tmp.name + ".old")
-            if self.model_dir.exists():
-                os.replace(self.model_dir, old)
-            os.replace(tmp, self.model_dir)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
             fsync_dir(self.path)
             remove(old)
         except BaseException:

@@ -10,6 +10,8 @@ import hashlib
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from ..core.errors import ConfigError, TrainingDiverged
 from ..core.flat import FlatParams
 from ..data import get_task
 from ..heads import build_head, count_at_length, evaluate, resolve_head
+from ..models.adapters import Adapter, build_adapter
 from ..models.loading import kind_of_config, load_model_and_tokenizer, max_positions, model_config, select_trainable
 from ..models.prefix_cache import cached_prefix, frozen_prefix_length
 from ..zo.engine import PassCounter
@@ -27,7 +30,7 @@ from ..zo.private_zo import PrivateZO
 from ..zo.rules import Released
 from ..zo.step import StepRecord, check_stage_event
 from . import preflight
-from .config import TrainConfig
+from .config import FIRST_ORDER_METHODS, TrainConfig
 from .ledger import Ledger, void_for_torn_row
 from .model_card import label_model_config, write_model_card
 from .run_dir import RunDir
@@ -49,16 +52,32 @@ def fingerprint(flat: FlatParams) -> str:
     return h.hexdigest()
 
 
-def build_model(cfg: TrainConfig, num_labels: int, head: str = "sequence-classification"):
+@dataclass
+class Built:
+    """A run's model as ``build_model`` makes it. ``model`` is what the loss heads call; ``flat``
+    covers the trainable parameters (with ``--peft``: the adapter's, ``adapter.peft_model``)."""
+
+    model: nn.Module
+    tokenizer: Any
+    trainable: list[str]
+    flat: FlatParams
+    adapter: Adapter | None = None
+
+
+def build_model(cfg: TrainConfig, num_labels: int, head: str = "sequence-classification") -> Built:
     """Model, tokenizer, trainable names and flat buffer, deterministic in ``cfg.seed``.
     ``head`` is the resolved loss head: it picks the model class (an LM head for prompt heads)."""
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # public: a freshly initialised head is part of the base model
+    torch.manual_seed(cfg.seed)  # public: a freshly initialised head (and adapter) is part of the base model
     dtype = getattr(torch, cfg.dtype)
     model, tokenizer = load_model_and_tokenizer(cfg.model, num_labels, dtype=dtype, device=device, head=head)
     model.eval()  # no dropout: L+ and L- must see the same function
-    trainable = select_trainable(model, cfg.trainable)
-    return model, tokenizer, trainable, FlatParams(model)
+    options = cfg.adapter_options()
+    if options is None:
+        trainable = select_trainable(model, cfg.trainable)
+        return Built(model, tokenizer, trainable, FlatParams(model))
+    adapter = build_adapter(model, options, head, zeroth_order=cfg.method not in FIRST_ORDER_METHODS)
+    return Built(adapter.model, tokenizer, adapter.trainable_names(), FlatParams(adapter.peft_model), adapter)
 
 
 @dataclass
@@ -122,12 +141,16 @@ class Session:
         self.ledger: Ledger | None = run.state.ledger if resuming else None  # verified (integrity.py), unedited
         self.max_length = cfg.max_length or self.task.max_length
         self._check_positions(config)
-        self.model, self.tokenizer, self.trainable, self.flat = build_model(cfg, self.task.num_labels, self.head_name)
+        built = build_model(cfg, self.task.num_labels, self.head_name)
+        self.model, self.tokenizer, self.flat = built.model, built.tokenizer, built.flat
+        self.trainable = built.trainable
+        self.adapter = built.adapter  # --peft: the PEFT adapter (what the flat buffer covers and what is saved)
         self.device = self.flat.device
         extra = {"max_new_tokens": cfg.max_new_tokens} if self.head_name == "causal-generation" else {}
         self.head = build_head(self.head_name, self.task, **extra)
         self._note_truncation()
-        self.cached_blocks = frozen_prefix_length(self.model)  # run once per step, not 2K times
+        # run once per step, not 2K times (never with prefix-tuning: its virtual tokens enter every block)
+        self.cached_blocks = self.adapter.cached_blocks() if self.adapter else frozen_prefix_length(self.model)
         self.plan = privacy.PrivacyPlan.create(
             n,
             steps=cfg.steps,
@@ -245,6 +268,7 @@ class Session:
             "max_length": self.max_length,
             "trainable": self.trainable,
             "cached_blocks": self.cached_blocks,
+            "adapter": self.adapter.describe() if self.adapter else None,
             "initial_sha256": fingerprint(self.flat),
         }
 
@@ -365,12 +389,7 @@ class Session:
         run.log_metrics({"step": self.cfg.steps, "split": "test", **final})
         label_model_config(self.model.config, self.task, self.head)
         record = self.privacy_record(run)
-
-        def write(directory) -> None:  # into a temporary directory that replaces model/ whole
-            save_model(self.model, self.tokenizer, directory)
-            write_model_card(directory, self.cfg, self.task, self.head, record, final)
-
-        run.save_model(write)
+        saved = self.save(run, record, final)
         summary = {
             "method": self.cfg.method,
             "steps": self.cfg.steps,
@@ -395,6 +414,7 @@ class Session:
             / (self.flat.numel * self.cfg.steps),
             "train_seconds": round(elapsed, 2),
             "output_dir": str(run.path),
+            "saved": saved,
             **self.stages.summary(),
         }
         run.write_summary(summary)
@@ -416,6 +436,33 @@ class Session:
         if o.private:
             facts["noise"] = self.zo.rule.mechanism.describe()
         return facts
+
+    def save(self, run: RunDir, record: dict, final: dict) -> dict:
+        """The final model, each directory written whole and replaced atomically with its SHA256SUMS
+        (``RunDir.save_model``): the adapter alone with ``--peft`` (``save_pretrained``; ``--merge-adapter``
+        adds the merged plain model in model-merged/), else the whole model. Returns what went where, and
+        its size."""
+        adapter = self.adapter.describe() if self.adapter is not None else None
+
+        def write(directory: Path) -> None:
+            if self.adapter is None:
+                save_model(self.model, self.tokenizer, directory)
+            else:
+                self.adapter.save(directory, self.tokenizer)
+            write_model_card(directory, self.cfg, self.task, self.head, record, final, adapter=adapter)
+
+        run.save_model(write)
+        key = "model" if self.adapter is None else "adapter"
+        saved = {key: str(run.model_dir), "weights_bytes": weights_bytes(run.model_dir)}
+        if self.cfg.merge_adapter:  # last: merging consumes the adapter
+
+            def write_merged(directory: Path) -> None:
+                save_model(self.adapter.merged(), self.tokenizer, directory)
+                write_model_card(directory, self.cfg, self.task, self.head, record, final)
+
+            run.save_model(write_merged, run.merged_dir)
+            saved.update(merged=str(run.merged_dir), merged_weights_bytes=weights_bytes(run.merged_dir))
+        return saved
 
     def log_progress(self, run: RunDir, bar, done: int, eps: float | None, elapsed: float) -> dict:
         """Flush the running means into metrics.jsonl and the progress bar (loss, ε, fraction clipped)."""
@@ -440,10 +487,20 @@ class Session:
             if eps is not None
             else f"NOT private: {summary['privacy'].removeprefix('not private: ')} (no epsilon)"
         )
+        saved = summary.get("saved") or {}
+        model = "model/"
+        if "adapter" in saved:
+            model = f"model/ = the {self.cfg.peft} adapter, {saved['weights_bytes'] / 1e3:.0f} kB of weights"
+            model += ", model-merged/" if "merged" in saved else ""
         print(
             f"\ntest {metric.replace('_', ' ')}: untrained {u:.4f} -> fine-tuned {f:.4f}\n{privacy_line}\n"
-            f"outputs: {summary['output_dir']} (model/, metrics.jsonl, ledger.jsonl, summary.json)"
+            f"outputs: {summary['output_dir']} ({model}, metrics.jsonl, ledger.jsonl, summary.json)"
         )
+
+
+def weights_bytes(path) -> int:
+    """Bytes of the safetensors files in ``path``: the weights a user copies (the tokenizer aside)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
 def save_model(model: nn.Module, tokenizer, path) -> None:
