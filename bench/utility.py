@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,8 +58,10 @@ from dpzo_engine import privacy
 from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.data import Example, TaskData, get_task
 from dpzo_engine.heads import ClassificationHead, build_head, move_batch, resolve_head
+from dpzo_engine.models.adapters import Adapter, AdapterOptions, build_adapter
 from dpzo_engine.models.loading import _layer_stack, load_model_and_tokenizer, model_kind, select_trainable
 from dpzo_engine.models.prefix_cache import frozen_prefix_length
+from dpzo_engine.run.session import save_model, weights_bytes
 from dpzo_engine.zo.private_zo import PrivateZO, ZOOptions
 from dpzo_engine.zo.stagewise import StageOptions
 
@@ -75,9 +80,17 @@ class Method:
     private: bool = True
     stages: int = 1  # DP-ZOSO / DP-ZOPO: doubling stages, lr halved at each boundary
     keep_fraction: float | None = None  # DP-ZOPO: static data-free mask
+    setting: str = "head"  # "head": the --trainable subset; "lora": a LoRA adapter plus that subset
+
+    @property
+    def first_order(self) -> bool:
+        return self.name == "dp-adamw"
 
     @property
     def label(self) -> str:
+        if self.setting == "lora" or self.first_order:
+            base = "DP-AdamW (Opacus)" if self.first_order else f"DP-AggZO (K={self.K})"
+            return base + (" + LoRA" if self.setting == "lora" else ", head only")
         if not self.private:
             return f"MeZO (non-private, K={self.K})"
         if self.name == "dp-zoso":
@@ -118,6 +131,7 @@ class Setting:
     features: FrozenFeatures
     max_length: int
     info: dict = field(default_factory=dict)
+    adapter: Adapter | None = None  # the LoRA setting: the adapter's flat buffer, saved as an adapter
 
 
 # ----------------------------------------------------------------------------- frozen features
@@ -279,6 +293,14 @@ def train_once(
         stages=stages,
     )
     zo = PrivateZO(s.model, plan, options, steps, flat=s.flat)  # the trainer's API, on the replayed features
+    estimate, largest = zo.engine.estimate, [0]
+
+    def recorded(*a, **k):  # ZO keeps no activations, gradients or moments: its extra is D [B, K]
+        D = estimate(*a, **k)
+        largest[0] = max(largest[0], D.nbytes)
+        return D
+
+    zo.engine.estimate = recorded
 
     def loss_fn(idx: list[int]):
         if not idx:
@@ -304,13 +326,100 @@ def train_once(
         "noise_multiplier": sigma,
         "epsilon_spent": zo.epsilon(),
         "fraction_clipped": statistics.fmean(clipped) if clipped else None,
+        "extra_training_bytes": {"zo_derivatives": largest[0], "total": largest[0]},
+    }
+
+
+@contextlib.contextmanager
+def saved_for_backward(exclude: set[int]) -> Iterator[dict[int, int]]:
+    """Bytes autograd keeps for the backward pass (the activations first-order training holds beyond
+    an inference forward), one entry per storage, storages in ``exclude`` (the weights) left out."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def train_first_order(
+    s: Setting, epsilon: float, lr: float, clip: float, seed: int, steps: int, batch_size: int
+) -> dict:
+    """DP-AdamW as the trainer runs it (``FirstOrderTrainer``: Opacus per-example clipping, our sampler,
+    σ, secret noise and accountant) on the replayed features: only the trainable top runs backward."""
+    from dpzo_engine.run.first_order import FirstOrderTrainer
+
+    s.flat.load_buffers(s.start)
+    torch.manual_seed(seed)  # dropout masks: first-order training runs in train mode, as the trainer does
+    train = s.task.train
+    q = batch_size / len(train)
+    sigma = noise_multiplier(epsilon, q, steps)
+    plan = privacy.PrivacyPlan.create(
+        len(train), steps=steps, sample_rate=q, epsilon=epsilon, delta=DELTA, update_every=steps,
+        noise_multiplier=sigma,
+    )  # fmt: skip
+    trainer = FirstOrderTrainer(s.model, s.head, lr=lr, mode="auto")
+    trainer.make_private(
+        noise_multiplier=sigma, clip=clip, expected_batch_size=plan.normalizer, generator=plan.generator
+    )
+    weights = {t.untyped_storage().data_ptr() for t in (*s.model.parameters(), *s.model.buffers())}
+    clipped: list[float] = []
+    memory: dict = {}
+    t0 = time.perf_counter()
+    try:
+        for _ in range(steps):
+            idx = plan.sampler.sample().tolist()
+            batch = None  # an empty Poisson batch: a noise-only update
+            if idx:
+                batch = move_batch(s.head.collate([train[i] for i in idx], s.tokenizer, s.max_length), s.flat.device)
+            with s.features.replay("train", idx), saved_for_backward(weights) as saved:
+                stats = trainer.step(batch)
+            plan.accountant.step()
+            if idx:
+                clipped.append(stats.fraction_clipped)
+                if not memory or sum(saved.values()) > memory["saved_activations"]:
+                    moments = sum(
+                        t.nbytes
+                        for st in trainer.optimizer.state.values()
+                        for t in st.values()
+                        if torch.is_tensor(t) and t.dim()
+                    )
+                    memory = {
+                        "saved_activations": sum(saved.values()),
+                        "gradients": s.flat.nbytes,
+                        "optimizer_state": moments,
+                    }
+    finally:
+        trainer.close()
+        s.model.eval()
+    seconds = time.perf_counter() - t0
+    finite = all(bool(torch.isfinite(b).all()) for b in s.flat.buffers)
+    nan = {"accuracy": float("nan"), "loss": float("nan")}
+    return {
+        "dev": scores(s, "dev") if finite else nan,
+        "test": scores(s, "test") if finite else nan,
+        "forwards": trainer.counter.forwards,
+        "passes": trainer.counter.passes,  # backward passes (two per step with ghost clipping)
+        "train_seconds": round(seconds, 2),
+        "noise_multiplier": sigma,
+        "epsilon_spent": plan.epsilon(),
+        "fraction_clipped": statistics.fmean(clipped) if clipped else None,
+        "opacus_mode": trainer.mode,
+        "extra_training_bytes": {**memory, "total": sum(memory.values())},
     }
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def load_setting(task: TaskData, model_name: str, trainable: str, max_length: int) -> Setting:
+def load_setting(
+    task: TaskData, model_name: str, trainable: str, max_length: int, adapter: AdapterOptions | None = None
+) -> Setting:
+    """``adapter``: a LoRA (or prefix) adapter whose ``modules_to_save`` are the ``trainable`` subset."""
     t0 = time.perf_counter()
     head_name = resolve_head("auto", task, model_kind(model_name))
     model, tokenizer = load_model_and_tokenizer(
@@ -321,8 +430,20 @@ def load_setting(task: TaskData, model_name: str, trainable: str, max_length: in
         device="cuda" if torch.cuda.is_available() else "cpu",
         dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
     )
-    names = select_trainable(model, trainable)
-    flat = FlatParams(model)
+    built = None
+    if adapter is not None:
+        torch.manual_seed(0)  # the adapter's initialisation, as the trainer's public seed
+        built = build_adapter(model, dataclasses.replace(adapter, trainable=trainable), head_name)
+        model, names, flat = built.model, built.trainable_names(), FlatParams(built.peft_model)
+    else:
+        names = select_trainable(model, trainable)
+        flat = FlatParams(model)
+    with tempfile.TemporaryDirectory() as tmp:  # what the trainer saves: the adapter, or the whole model
+        if built is not None:
+            built.save(tmp)
+        else:
+            save_model(model, None, tmp)
+        saved_bytes = weights_bytes(tmp)
     head = build_head(head_name, task)
     assert isinstance(head, ClassificationHead)
     splits = {"train": task.train, "dev": task.dev, "test": task.test}
@@ -336,9 +457,12 @@ def load_setting(task: TaskData, model_name: str, trainable: str, max_length: in
         "trainable_numel": flat.numel,
         "frozen_blocks_replayed": features.length,
         "max_length": max_length,
+        "saved_weights_bytes": saved_bytes,
         "setup_seconds": round(time.perf_counter() - t0, 1),
     }
-    return Setting(task, model, tokenizer, head, flat, flat.clone_buffers(), features, max_length, info)
+    if built is not None:
+        info["adapter"] = built.describe()
+    return Setting(task, model, tokenizer, head, flat, flat.clone_buffers(), features, max_length, info, built)
 
 
 def check_replay_is_exact(s: Setting, n: int = 32) -> float:
@@ -365,13 +489,28 @@ def summarize(values: list[float]) -> dict:
     }
 
 
+def _train(s: Setting, method: Method, epsilon, lr, clip, seed: int, steps: int, batch_size: int) -> dict:
+    if method.first_order:
+        return train_first_order(s, epsilon, lr, clip, seed, steps, batch_size)
+    return train_once(s, method, epsilon, lr, clip, seed, steps, batch_size)
+
+
 def run_method(
-    s: Setting, method: Method, epsilon: float | None, grid: Grid, seeds: int, steps: int, batch_size: int, log
+    s: Setting,
+    method: Method,
+    epsilon: float | None,
+    grid: Grid,
+    seeds: int,
+    steps: int,
+    batch_size: int,
+    log,
+    points: list[tuple[float, float | None]] | None = None,
 ) -> dict:
-    """Grid on seed 0 (dev accuracy picks), then the chosen point with every seed (test)."""
+    """Grid on seed 0 (dev accuracy picks), then the chosen point with every seed (test).
+    ``points`` replaces the grid (e.g. a point transferred from another row)."""
     tried = []
-    for lr, clip in grid.points(method):
-        r = train_once(s, method, epsilon, lr, clip, 0, steps, batch_size)
+    for lr, clip in points if points is not None else grid.points(method):
+        r = _train(s, method, epsilon, lr, clip, 0, steps, batch_size)
         tried.append({"lr": lr, "clip": clip, **r})
         log(
             f"    grid lr={lr:.4g} C={clip if clip is None else round(clip, 4)}: dev {r['dev']['accuracy']:.4f} "
@@ -385,7 +524,7 @@ def run_method(
                 "lr": best["lr"],
                 "clip": best["clip"],
                 "seed": seed,
-                **train_once(s, method, epsilon, best["lr"], best["clip"], seed, steps, batch_size),
+                **_train(s, method, epsilon, best["lr"], best["clip"], seed, steps, batch_size),
             }
         )
     test = [r["test"]["accuracy"] for r in runs]
@@ -393,11 +532,14 @@ def run_method(
         f"  {method.label} eps={epsilon}: lr={best['lr']:.4g} C={best['clip']} test {summarize(test)['mean']:.4f} "
         f"± {summarize(test)['std']:.4f} over {len(runs)} seeds"
     )
+    seconds = [r["train_seconds"] for r in runs]
     return {
         "method": method.name,
         "label": method.label,
         "K": method.K,
         "private": method.private,
+        "setting": method.setting,
+        "first_order": method.first_order,
         "epsilon": epsilon,
         "grid": [{k: r[k] for k in ("lr", "clip", "dev", "test", "fraction_clipped", "train_seconds")} for r in tried],
         "chosen": {"lr": best["lr"], "clip": best["clip"]},
@@ -411,6 +553,11 @@ def run_method(
         "noise_multiplier": best["noise_multiplier"],
         "epsilon_spent": best["epsilon_spent"],
         "fraction_clipped": best["fraction_clipped"],
+        "train_seconds": summarize(seconds),  # the chosen point's runs: wall time to the reported accuracy
+        "trainable_numel": s.flat.numel,
+        "saved_weights_bytes": s.info["saved_weights_bytes"],
+        "extra_training_bytes": best.get("extra_training_bytes"),
+        **({"opacus_mode": best["opacus_mode"]} if method.first_order else {}),
     }
 
 
@@ -421,8 +568,8 @@ def _finite(x: float, default: float = -math.inf) -> float:
 def claim(rows: list[dict], epsilons: Sequence[float]) -> list[dict]:
     """DP-AggZO (K >= 16) against DPZero at the same ε: margin of the means against the seed spread."""
     out = []
+    rows = [r for r in rows if _k_row(r)]  # the claim is DP-AggZO against DPZero, on the same trainable subset
     for eps in epsilons:
-        rows = [r for r in rows if r.get("method") not in STAGEWISE]  # the claim is DP-AggZO against DPZero
         base = next((r for r in rows if r["private"] and r["K"] == 1 and r["epsilon"] == eps), None)
         for r in rows:
             if base is None or not r["private"] or r["K"] < 16 or r["epsilon"] != eps:
@@ -435,6 +582,44 @@ def claim(rows: list[dict], epsilons: Sequence[float]) -> list[dict]:
     return out
 
 
+def _k_row(r: dict) -> bool:
+    """A row of the accuracy-against-K comparison: ZO on the head subset, no stage schedule."""
+    return r.get("method") not in STAGEWISE and r.get("setting", "head") == "head" and not r.get("first_order")
+
+
+def _peft_row(r: dict) -> bool:
+    """A row of the PEFT comparison: LoRA (ZO or DP-AdamW), or DP-AdamW on the head subset."""
+    return r.get("setting") == "lora" or bool(r.get("first_order"))
+
+
+CLOSE = 0.02  # "within a point or two" (the paper's claim for DP-AggZO K = 64 against DP-AdamW)
+
+
+def peft_claim(rows: list[dict], epsilons: Sequence[float]) -> list[dict]:
+    """DP-AggZO + LoRA against DP-AdamW + the same LoRA at the same ε: accuracy gap, time and memory ratios."""
+    out = []
+    for eps in epsilons:
+        fo = next((r for r in rows if r.get("first_order") and r["setting"] == "lora" and r["epsilon"] == eps), None)
+        for r in rows:
+            if fo is None or r.get("first_order") or r.get("setting") != "lora" or r["epsilon"] != eps:
+                continue
+            gap = fo["test_accuracy"]["mean"] - r["test_accuracy"]["mean"]
+            spread = max(x["test_accuracy"]["max"] - x["test_accuracy"]["min"] for x in (r, fo))
+            zo_bytes, fo_bytes = r["extra_training_bytes"]["total"], fo["extra_training_bytes"]["total"]
+            out.append(
+                {
+                    "epsilon": eps,
+                    "K": r["K"],
+                    "dp_adamw_minus_dp_aggzo": gap,
+                    "seed_spread": spread,
+                    "within_two_points": bool(gap <= CLOSE),
+                    "train_seconds_ratio": r["train_seconds"]["mean"] / fo["train_seconds"]["mean"],
+                    "extra_training_bytes_ratio": zo_bytes / fo_bytes if fo_bytes else None,
+                }
+            )
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -442,13 +627,15 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = results["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4), squeeze=False)
+    peft = any(_peft_row(r) for t in tasks for r in t["methods"])
+    fig, axes = plt.subplots(2 if peft else 1, len(tasks), figsize=(5.2 * len(tasks), 8 if peft else 4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
+        if not any(r["private"] and _k_row(r) for r in t["methods"]):
+            ax.axis("off")  # a PEFT-only run: no accuracy-against-K line
+            continue
         for eps, color in zip(results["config"]["epsilons"], ("tab:blue", "tab:orange", "tab:green")):
             pts = sorted(
-                (r["K"], r["test_accuracy"])
-                for r in t["methods"]
-                if r["private"] and r.get("method") not in STAGEWISE and r["epsilon"] == eps
+                (r["K"], r["test_accuracy"]) for r in t["methods"] if r["private"] and _k_row(r) and r["epsilon"] == eps
             )
             ks = [k for k, _ in pts]
             ax.errorbar(
@@ -465,17 +652,40 @@ def plot(results: dict, path: Path) -> None:
                 ax.axhline(r["test_accuracy"]["mean"], color="gray", linestyle="--", label=r["label"])
         ax.axhline(t["untrained"]["test"]["accuracy"], color="black", linestyle=":", label="untrained")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["K"] for r in t["methods"] if r["private"]}))
+        ax.set_xticks(sorted({r["K"] for r in t["methods"] if r["private"] and _k_row(r)}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("K (directions per step)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{t['task']} ({results['config']['steps']} steps, E|B|={results['config']['batch_size']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
+    if peft:
+        for ax, t in zip(axes[1], tasks):
+            _plot_peft(ax, t, results["config"])
     fig.suptitle(f"{results['config']['model']}, δ=1e-5: accuracy against K (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_peft(ax, t: dict, config: dict) -> None:
+    """Test accuracy against the wall time of a training run, one point per PEFT-comparison row."""
+    rows = [r for r in t["methods"] if _peft_row(r) or (_k_row(r) and r["K"] in config.get("peft_ks", ()))]
+    markers = {("head", False): "o", ("lora", False): "s", ("head", True): "^", ("lora", True): "D"}
+    for r in rows:
+        a, sec = r["test_accuracy"], r["train_seconds"]
+        key = (r.get("setting", "head"), bool(r.get("first_order")))
+        color = "tab:red" if r.get("first_order") else "tab:blue"
+        ax.errorbar(sec["mean"], a["mean"], yerr=a["std"], marker=markers[key], color=color, capsize=3)
+        saved = r["saved_weights_bytes"] / 1e6
+        ax.annotate(f"{r['label']}, ε={r['epsilon']:g}\n{saved:.2f} MB saved", (sec["mean"], a["mean"]), fontsize=6,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.axhline(t["untrained"]["test"]["accuracy"], color="black", linestyle=":", label="untrained")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"wall time of one {config['steps']}-step run (s, {config['threads']} thread)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{t['task']}: LoRA vs head only, DP-AggZO vs DP-AdamW", fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 def print_table(results: dict) -> None:
@@ -491,15 +701,26 @@ def print_table(results: dict) -> None:
             acc = f"{a['mean']:.4f} ± {a['std']:.4f} ({a['min']:.3f}–{a['max']:.3f})"
             clip = "-" if r["chosen"]["clip"] is None else f"{r['chosen']['clip']:.3g}"
             eps = "-" if r["epsilon"] is None else f"{r['epsilon']:g}"
+            extra = ""
+            if _peft_row(r) or "train_seconds" in r:
+                extra = f" {r['train_seconds']['mean']:>8.1f}s {r['saved_weights_bytes'] / 1e6:>8.2f}MB"
             print(
                 f"{'':<18} {r['label']:<30} {eps:>4} {acc:>34} {r['chosen']['lr']:>8.3g} {clip:>7} "
-                f"{r['forwards_per_run']:>8}"
+                f"{r['forwards_per_run']:>8}{extra}"
             )
         for c in t["claim"]:
             verdict = "holds" if c["holds"] else "does NOT hold"
             print(
                 f"{'':<18} claim eps={c['epsilon']:g} K={c['K']}: margin {c['margin']:+.4f} vs seed spread "
                 f"{c['seed_spread']:.4f} -> {verdict}"
+            )
+        for c in t.get("peft_claim", []):
+            verdict = "within two points" if c["within_two_points"] else "NOT within two points"
+            memory = c["extra_training_bytes_ratio"]
+            print(
+                f"{'':<18} LoRA eps={c['epsilon']:g}: DP-AdamW - DP-AggZO K={c['K']} = "
+                f"{c['dp_adamw_minus_dp_aggzo']:+.4f} ({verdict}; seed spread {c['seed_spread']:.4f}); "
+                f"time x{c['train_seconds_ratio']:.2f}, extra memory x{memory if memory is None else round(memory, 4)}"
             )
 
 
@@ -525,20 +746,60 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--stages", type=int, default=3, help="DP-ZOSO and DP-ZOPO rows (K=1): stages; 0 drops the rows")
     p.add_argument("--keep-fraction", type=float, default=0.01, help="DP-ZOPO row: static data-free mask")
+    p.add_argument("--mezo", action=argparse.BooleanOptionalAction, default=True, help="the non-private MeZO row")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small ops)")
+    g = p.add_argument_group("PEFT comparison (rows added with --peft lora)")
+    g.add_argument("--peft", choices=("none", "lora"), default="none", help="add DP-AggZO + LoRA and DP-AdamW rows")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-layers", default="last:1", help="must leave the lower blocks frozen (features replay)")
+    g.add_argument("--target-modules", default=None, help="comma-separated; PEFT's default (query, value) if not given")
+    g.add_argument("--peft-ks", default="64", help="K of the DP-AggZO + LoRA rows")
+    g.add_argument(
+        "--peft-grid",
+        choices=("transfer", "full"),
+        default="transfer",
+        help="transfer: DP-AggZO + LoRA reuses the (lr, C) the head-only row at the same K and ε chose (one point: "
+        "a LoRA forward costs a transformer block, not a classifier); full: the --lrs x --betas grid",
+    )
+    g.add_argument("--peft-seeds", type=int, default=None, help="seeds of the DP-AggZO + LoRA rows [--seeds]")
+    g.add_argument(
+        "--first-order",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="DP-AdamW (Opacus) rows on the head subset and, with --peft, on the same LoRA [on with --peft]",
+    )
+    g.add_argument("--fo-lrs", default="0.001,0.003,0.01", help="DP-AdamW learning rates")
+    g.add_argument("--fo-clips", default="0.5,2", help="DP-AdamW clipping thresholds C (per-example gradient L2)")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 steps, one grid point, 2 seeds, 2 Ks")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.seeds, args.ks, args.lrs, args.betas = 8, 2, "1,16", "0.01", "4"
+        args.peft_ks, args.fo_lrs, args.fo_clips = "16", "0.003", "1"
     ks = [int(k) for k in args.ks.split(",")]
+    peft_ks = [int(k) for k in args.peft_ks.split(",")] if args.peft != "none" else []
     epsilons = [float(e) for e in args.epsilons.split(",")]
     grid = Grid(tuple(float(x) for x in args.lrs.split(",")), tuple(float(x) for x in args.betas.split(",")))
-    methods = [Method("dpzero" if k == 1 else "dp-aggzo", k) for k in ks] + [Method("mezo", 1, private=False)]
+    fo_points = [(float(lr), float(c)) for lr in args.fo_lrs.split(",") for c in args.fo_clips.split(",")]
+    first_order = args.peft != "none" if args.first_order is None else args.first_order
+    methods = [Method("dpzero" if k == 1 else "dp-aggzo", k) for k in ks]
+    methods += [Method("mezo", 1, private=False)] if args.mezo else []
     if args.stages:
         methods += [Method("dp-zoso", 1, stages=args.stages)]
         methods += [Method("dp-zopo", 1, stages=args.stages, keep_fraction=args.keep_fraction)]
+    methods += [Method("dp-adamw", 0)] if first_order else []
+    methods += [Method("dp-aggzo", k, setting="lora") for k in peft_ks]
+    methods += [Method("dp-adamw", 0, setting="lora")] if first_order and args.peft != "none" else []
+    adapter = None
+    if args.peft != "none":
+        from dpzo_engine.models.adapters import split_names
+
+        adapter = AdapterOptions(
+            kind=args.peft, r=args.lora_r, alpha=args.lora_alpha, layers=args.lora_layers,
+            target_modules=split_names(args.target_modules),
+        )  # fmt: skip
     started = time.perf_counter()
     results: dict = {
         "benchmark": "utility",
@@ -560,6 +821,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "directions": "gaussian",
             "seeds": args.seeds,
             "stagewise": {"stages": args.stages, "lr_decay": 0.5, "keep_fraction": args.keep_fraction},
+            "mezo": args.mezo,
+            "peft": None if adapter is None else dataclasses.asdict(adapter),
+            "peft_ks": peft_ks,
+            "peft_grid": args.peft_grid,
+            "peft_seeds": args.peft_seeds or args.seeds,
+            "first_order": {"points": fo_points, "opacus_mode": "auto"} if first_order else None,
             "threads": args.threads,
             "quick": args.quick,
             "grid": {
@@ -576,6 +843,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "is NOT privately accounted (as in the papers): each run's epsilon covers that run only."
         ),
         "timing": "train_seconds: perf_counter around the training loop of one run (shared 2-core CPU: noisy)",
+        "memory": (
+            "extra_training_bytes: what training holds beyond an inference forward, measured in the run. "
+            "DP-AdamW: the bytes autograd saves for backward in one step (largest over the run, one entry per "
+            "storage, weights excluded; Opacus' own hook buffers not counted), plus gradients (the trainable "
+            "bytes) and the AdamW moments (measured in the optimizer state). DP-AggZO: the per-example "
+            "derivative matrix D [B, K]; it keeps no activations, gradients or moments."
+        ),
+        "peft_protocol": (
+            "DP-AggZO + LoRA: with --peft-grid transfer, the (lr, C) the head-only DP-AggZO row chose at the same "
+            "K and epsilon, trained with --peft-seeds seeds (no grid of its own). DP-AdamW rows: the --fo-lrs x "
+            "--fo-clips grid, then the chosen point with --seeds seeds. Frozen blocks replayed as for ZO: their "
+            "features are computed once in eval mode, the trained top runs in train mode (dropout) for DP-AdamW."
+        ),
+        "load_average": {"start": os.getloadavg()},
         "tasks": [],
     }
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -590,19 +871,41 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"replay exact to {s.info['replay_max_abs_loss_difference']:.2e} ({s.info['setup_seconds']} s)"
         )
         untrained = {"dev": scores(s, "dev"), "test": scores(s, "test")}
+        settings = {"head": s}
+        if adapter is not None:
+            settings["lora"] = load_setting(task, args.model, args.trainable, max_length, adapter)
+            lora = settings["lora"]
+            lora.info["replay_max_abs_loss_difference"] = check_replay_is_exact(lora)
+            log(
+                f"  LoRA: {lora.info['trainable_numel']} trainable parameters, {lora.info['frozen_blocks_replayed']} "
+                f"blocks replayed, exact to {lora.info['replay_max_abs_loss_difference']:.2e}"
+            )
         rows = []
         for method in methods:
             for eps in epsilons if method.private else [None]:
-                rows.append(run_method(s, method, eps, grid, args.seeds, args.steps, args.batch_size, log))
+                points, seeds = (fo_points if method.first_order else None), args.seeds
+                if method.setting == "lora" and not method.first_order:
+                    seeds = args.peft_seeds or args.seeds
+                    if args.peft_grid == "transfer":
+                        head = next(r for r in rows if _k_row(r) and r["K"] == method.K and r["epsilon"] == eps)
+                        points = [(head["chosen"]["lr"], head["chosen"]["clip"])]
+                row = run_method(
+                    settings[method.setting], method, eps, grid, seeds, args.steps, args.batch_size, log, points
+                )
+                rows.append(row)
+                results["load_average"].setdefault("after_rows", []).append(os.getloadavg()[0])
         results["tasks"].append(
             {
                 "task": task_name,
                 "setting": s.info,
+                **({"lora_setting": settings["lora"].info} if "lora" in settings else {}),
                 "untrained": untrained,
                 "methods": rows,
                 "claim": claim(rows, epsilons),
+                "peft_claim": peft_claim(rows, epsilons),
             }
         )
+    results["load_average"]["end"] = os.getloadavg()
     results["seconds"] = round(time.perf_counter() - started, 1)
     model_tag = "" if args.model == "minilm" else "_" + re.sub(r"[^a-z0-9]+", "-", Path(args.model).name.lower())
     out = args.out or RESULTS_DIR / f"utility_{results['device']}{model_tag}{'_quick' if args.quick else ''}.json"

@@ -77,3 +77,34 @@ def test_claim_and_plot(utility, tmp_path):
     }
     utility.plot(results, tmp_path / "u.png")
     assert (tmp_path / "u.png").stat().st_size > 1000
+
+
+def test_peft_rows_dp_aggzo_and_dp_adamw_on_a_lora_adapter(utility, tmp_path):
+    """The PEFT comparison on a tiny BERT: LoRA on the top block (the block below replayed, exactly),
+    DP-AggZO and DP-AdamW (Opacus) rows with their costs, the LoRA-vs-DP-AdamW check, and the plot."""
+    from dpzo_engine.models.adapters import AdapterOptions
+
+    model, tok = tiny_lm("bert", "sequence-classification")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    adapter = AdapterOptions(kind="lora", r=2, layers="last:1")
+    s = utility.load_setting(small_task(), str(tmp_path / "m"), "head", max_length=24, adapter=adapter)
+    assert s.features.length == 1 and s.info["adapter"]["cached_blocks"] == 1
+    assert utility.check_replay_is_exact(s, n=8) < 1e-6
+    assert s.info["saved_weights_bytes"] < 4 * s.flat.numel + 4096  # the adapter alone, not the model
+    grid = utility.Grid((0.01,), (4.0,))
+    zo = utility.run_method(s, utility.Method("dp-aggzo", 4, setting="lora"), 2.0, grid, 2, 3, 4, print)
+    fo_method = utility.Method("dp-adamw", 0, setting="lora")
+    fo = utility.run_method(s, fo_method, 2.0, grid, 2, 3, 4, print, points=[(1e-3, 1.0), (3e-3, 1.0)])
+    assert zo["label"] == "DP-AggZO (K=4) + LoRA" and fo["label"] == "DP-AdamW (Opacus) + LoRA"
+    assert fo["opacus_mode"] == "ghost" and fo["epsilon_spent"] <= 2.0 + 1e-6 and len(fo["grid"]) == 2
+    assert zo["extra_training_bytes"]["total"] < fo["extra_training_bytes"]["total"]
+    assert fo["extra_training_bytes"]["optimizer_state"] == 2 * fo["extra_training_bytes"]["gradients"]
+    (check,) = utility.peft_claim([zo, fo], [2.0])
+    assert check["K"] == 4 and check["train_seconds_ratio"] > 0
+    results = {
+        "config": {"epsilons": [2.0], "steps": 3, "batch_size": 4, "model": "tiny", "threads": 1, "peft_ks": [4]},
+        "tasks": [{"task": "tiny", "methods": [zo, fo], "untrained": {"test": {"accuracy": 0.5}}}],
+    }
+    utility.plot(results, tmp_path / "u.png")
+    assert (tmp_path / "u.png").stat().st_size > 1000
