@@ -519,14 +519,9 @@ def run_method(
     best = max(tried, key=lambda r: (_finite(r["dev"]["accuracy"]), -_finite(r["dev"]["loss"], math.inf)))
     runs = [best]
     for seed in range(1, seeds):
-        runs.append(
-            {
-                "lr": best["lr"],
-                "clip": best["clip"],
-                "seed": seed,
-                **_train(s, method, epsilon, best["lr"], best["clip"], seed, steps, batch_size),
-            }
-        )
+        r = _train(s, method, epsilon, best["lr"], best["clip"], seed, steps, batch_size)
+        runs.append({"lr": best["lr"], "clip": best["clip"], "seed": seed, **r})
+        log(f"    seed {seed}: test {r['test']['accuracy']:.4f} ({r['train_seconds']:.1f} s)")
     test = [r["test"]["accuracy"] for r in runs]
     log(
         f"  {method.label} eps={epsilon}: lr={best['lr']:.4g} C={best['clip']} test {summarize(test)['mean']:.4f} "
@@ -790,8 +785,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         methods += [Method("dp-zoso", 1, stages=args.stages)]
         methods += [Method("dp-zopo", 1, stages=args.stages, keep_fraction=args.keep_fraction)]
     methods += [Method("dp-adamw", 0)] if first_order else []
-    methods += [Method("dp-aggzo", k, setting="lora") for k in peft_ks]
     methods += [Method("dp-adamw", 0, setting="lora")] if first_order and args.peft != "none" else []
+    methods += [Method("dp-aggzo", k, setting="lora") for k in peft_ks]  # the costliest rows last
     adapter = None
     if args.peft != "none":
         from dpzo_engine.models.adapters import split_names
@@ -860,6 +855,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "tasks": [],
     }
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    model_tag = "" if args.model == "minilm" else "_" + re.sub(r"[^a-z0-9]+", "-", Path(args.model).name.lower())
+    out = args.out or RESULTS_DIR / f"utility_{results['device']}{model_tag}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for task_name in args.tasks.split(","):
         max_length, k_shot = TASK_DEFAULTS.get(task_name, (64, None))
         log(f"{task_name}: loading and computing frozen features ...")
@@ -894,6 +892,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 )
                 rows.append(row)
                 results["load_average"].setdefault("after_rows", []).append(os.getloadavg()[0])
+                partial = {
+                    **results,
+                    "partial": True,
+                    "tasks": [*results["tasks"], {"task": task_name, "methods": rows}],
+                }
+                out.write_text(json.dumps(partial, indent=1) + "\n")  # a long run keeps what it has measured
         results["tasks"].append(
             {
                 "task": task_name,
@@ -907,9 +911,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     results["load_average"]["end"] = os.getloadavg()
     results["seconds"] = round(time.perf_counter() - started, 1)
-    model_tag = "" if args.model == "minilm" else "_" + re.sub(r"[^a-z0-9]+", "-", Path(args.model).name.lower())
-    out = args.out or RESULTS_DIR / f"utility_{results['device']}{model_tag}{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out.with_suffix(".png"))
     print_table(results)
