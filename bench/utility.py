@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -505,13 +506,17 @@ def run_method(
     batch_size: int,
     log,
     points: list[tuple[float, float | None]] | None = None,
+    progress=None,
 ) -> dict:
     """Grid on seed 0 (dev accuracy picks), then the chosen point with every seed (test).
-    ``points`` replaces the grid (e.g. a point transferred from another row)."""
+    ``points`` replaces the grid (e.g. a point transferred from another row); ``progress(runs)`` sees
+    every finished run (a long benchmark saves them as it goes)."""
     tried = []
     for lr, clip in points if points is not None else grid.points(method):
         r = _train(s, method, epsilon, lr, clip, 0, steps, batch_size)
         tried.append({"lr": lr, "clip": clip, **r})
+        if progress is not None:
+            progress(tried)
         log(
             f"    grid lr={lr:.4g} C={clip if clip is None else round(clip, 4)}: dev {r['dev']['accuracy']:.4f} "
             f"test {r['test']['accuracy']:.4f} ({r['train_seconds']:.1f} s)"
@@ -522,6 +527,8 @@ def run_method(
         r = _train(s, method, epsilon, best["lr"], best["clip"], seed, steps, batch_size)
         runs.append({"lr": best["lr"], "clip": best["clip"], "seed": seed, **r})
         log(f"    seed {seed}: test {r['test']['accuracy']:.4f} ({r['train_seconds']:.1f} s)")
+        if progress is not None:
+            progress([*tried, *runs[1:]])
     test = [r["test"]["accuracy"] for r in runs]
     log(
         f"  {method.label} eps={epsilon}: lr={best['lr']:.4g} C={best['clip']} test {summarize(test)['mean']:.4f} "
@@ -727,6 +734,22 @@ TASK_DEFAULTS = {  # max_length, k_shot (None: the task's default); tweets: 512 
 }
 
 
+def write_partial(
+    out: Path, results: dict, task: str, rows: list[dict], label: str = "", epsilon=None, runs: list[dict] = ()
+) -> None:
+    """A long run keeps what it has measured: the rows so far, and the finished runs of the current row."""
+    now: dict = {"task": task, "methods": rows}
+    if runs:
+        keep = ("lr", "clip", "seed", "dev", "test", "train_seconds", "extra_training_bytes")
+        now["in_progress"] = {
+            "label": label,
+            "epsilon": epsilon,
+            "runs": [{k: r[k] for k in keep if k in r} for r in runs],
+        }
+    partial = {**results, "partial": True, "tasks": [*results["tasks"], now]}
+    out.write_text(json.dumps(partial, indent=1) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="tweet-sentiment,snli")
@@ -888,16 +911,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         head = next(r for r in rows if _k_row(r) and r["K"] == method.K and r["epsilon"] == eps)
                         points = [(head["chosen"]["lr"], head["chosen"]["clip"])]
                 row = run_method(
-                    settings[method.setting], method, eps, grid, seeds, args.steps, args.batch_size, log, points
-                )
+                    settings[method.setting], method, eps, grid, seeds, args.steps, args.batch_size, log, points,
+                    progress=functools.partial(write_partial, out, results, task_name, rows, method.label, eps),
+                )  # fmt: skip
                 rows.append(row)
                 results["load_average"].setdefault("after_rows", []).append(os.getloadavg()[0])
-                partial = {
-                    **results,
-                    "partial": True,
-                    "tasks": [*results["tasks"], {"task": task_name, "methods": rows}],
-                }
-                out.write_text(json.dumps(partial, indent=1) + "\n")  # a long run keeps what it has measured
+                write_partial(out, results, task_name, rows)
         results["tasks"].append(
             {
                 "task": task_name,

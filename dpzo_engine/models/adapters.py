@@ -272,7 +272,8 @@ class Adapter:
     def describe(self) -> dict:
         """Public facts for the ledger header and summary."""
         config = self.peft_model.peft_config["default"]
-        out = {"kind": self.kind, "task_type": str(getattr(config, "task_type", None) or "") or None}
+        task_type = getattr(config, "task_type", None)
+        out = {"kind": self.kind, "task_type": str(task_type) if task_type else None}
         if self.kind == "lora":
             out.update(
                 r=config.r,
