@@ -160,13 +160,19 @@ class FrozenFeatures:
         splits: dict[str, Sequence[Example]],
         max_length: int,
         batch_size: int = 64,
+        first_position: bool = False,
     ):
         self.model = model
         self.length = frozen_prefix_length(model)
         if self.length == 0:
             raise ValueError("no frozen transformer block below the trainable ones: nothing to precompute")
-        stack, _ = _layer_stack(model)
+        stack, n_layers = _layer_stack(model)
         self.blocks = list(model.get_submodule(stack))[: self.length]
+        self.top = None  # the one trained block, computed at the first position only (see first_position_attention)
+        if first_position:
+            if self.length != n_layers - 1:
+                raise ValueError("first_position needs exactly one block above the frozen ones (the last)")
+            self.top = model.get_submodule(stack)[self.length]
         self.embedding = _input_embedding_module(model)
         self.width = self.embedding.weight.shape[1] if hasattr(self.embedding, "weight") else None
         self.store: dict[str, torch.Tensor] = {}
@@ -199,6 +205,9 @@ class FrozenFeatures:
         for i, block in enumerate(self.blocks):
             block.forward = self._block(last=i == len(self.blocks) - 1)
         self.embedding.forward = self._skip_embedding
+        if self.top is not None:
+            self.top.attention.forward = first_position_attention(self.top.attention)
+            patched.append(self.top.attention)
         try:
             yield
         finally:
@@ -220,6 +229,35 @@ class FrozenFeatures:
         ids = kwargs.get("input_ids", args[0] if args else None)
         dtype = next(self.model.parameters()).dtype
         return torch.zeros((*ids.shape, self.width or self.model.config.hidden_size), dtype=dtype, device=ids.device)
+
+
+def first_position_attention(attention: nn.Module):
+    """A BERT-style attention block (``BertAttention``, ``RobertaAttention``) computed for the first
+    position only: its query attends to every position's key and value; the residual, the output
+    projection, and everything after it in the block, run on that one row.
+
+    Exact for a classifier that reads only the last block's first position (BERT's pooler, RoBERTa's
+    classification head): no other output position of the last block reaches the loss. With LoRA on
+    the last block only, this makes a forward cost its key and value projections of every token plus
+    one token's worth of the rest, instead of the whole block (checked against the full model)."""
+    from transformers.models.bert.modeling_bert import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+
+    sa = attention.self
+
+    def forward(hidden_states, attention_mask=None, *args, **kwargs):
+        b, t, _ = hidden_states.shape
+        d = sa.attention_head_size
+        q = sa.query(hidden_states[:, :1]).view(b, 1, -1, d).transpose(1, 2)
+        k = sa.key(hidden_states).view(b, t, -1, d).transpose(1, 2)
+        v = sa.value(hidden_states).view(b, t, -1, d).transpose(1, 2)
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
+            attention_mask = attention_mask[:, :, :1]  # the first query row of the mask
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
+        dropout = sa.dropout.p if sa.training else 0.0
+        out, weights = interface(sa, q, k, v, attention_mask, dropout=dropout, scaling=sa.scaling, **kwargs)
+        return attention.output(out.reshape(b, 1, -1).contiguous(), hidden_states[:, :1]), weights
+
+    return forward
 
 
 def _hidden(out) -> torch.Tensor:
@@ -448,7 +486,13 @@ def load_setting(
     head = build_head(head_name, task)
     assert isinstance(head, ClassificationHead)
     splits = {"train": task.train, "dev": task.dev, "test": task.test}
-    features = FrozenFeatures(model, head, tokenizer, splits, max_length)
+    first_position = (
+        built is not None
+        and head_name == "sequence-classification"
+        and model_kind(model_name) in ("encoder", "masked-lm")
+        and frozen_prefix_length(model) == _layer_stack(model)[1] - 1
+    )  # a BERT-style classifier reads the first position of the last block only
+    features = FrozenFeatures(model, head, tokenizer, splits, max_length, first_position=first_position)
     info = {
         "task": task.describe() | {"fingerprint": task.fingerprint()[:16]},
         "model": model_name,
@@ -457,6 +501,7 @@ def load_setting(
         "trainable_tensors": len(names),
         "trainable_numel": flat.numel,
         "frozen_blocks_replayed": features.length,
+        "top_block_first_position_only": first_position,
         "max_length": max_length,
         "saved_weights_bytes": saved_bytes,
         "setup_seconds": round(time.perf_counter() - t0, 1),

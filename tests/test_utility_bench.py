@@ -90,6 +90,7 @@ def test_peft_rows_dp_aggzo_and_dp_adamw_on_a_lora_adapter(utility, tmp_path):
     adapter = AdapterOptions(kind="lora", r=2, layers="last:1")
     s = utility.load_setting(small_task(), str(tmp_path / "m"), "head", max_length=24, adapter=adapter)
     assert s.features.length == 1 and s.info["adapter"]["cached_blocks"] == 1
+    assert s.info["top_block_first_position_only"]  # the LoRA block computed at [CLS] only: still exact
     assert utility.check_replay_is_exact(s, n=8) < 1e-6
     assert s.info["saved_weights_bytes"] < 4 * s.flat.numel + 4096  # the adapter alone, not the model
     grid = utility.Grid((0.01,), (4.0,))
