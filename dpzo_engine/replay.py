@@ -54,16 +54,15 @@ def replay(run_dir: str | Path, backend: str | None = None) -> tuple[Built, int]
     return built, len(steps)
 
 
-def compare_with_saved(built: Built, model_dir: Path) -> tuple[int, int]:
-    """(#tensors differing, #tensors compared) between the replayed model (its adapter's tensors with
-    ``--peft``, as ``save_pretrained`` names them) and a saved safetensors dir."""
+def compare_with_saved(ours: dict[str, torch.Tensor], model_dir: Path) -> tuple[int, int]:
+    """(#tensors differing, #tensors compared) between the replayed tensors (``Built.saved_state``: the
+    adapter's with ``--peft``, as ``save_pretrained`` names them) and a saved safetensors dir."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{model_dir} has no safetensors files to compare with")
     saved: dict[str, torch.Tensor] = {}
     for f in files:
         saved.update(load_file(f))
-    ours = built.adapter.state_dict() if built.adapter is not None else built.model.state_dict()
     common = [k for k in saved if k in ours]
     if not common:
         raise ConfigError(f"{model_dir} holds none of the replayed model's tensors (another model or adapter?)")
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             model_dir = RunDir(args.run_dir).model_dir
             check_model_sums(model_dir)  # a damaged file is named, not reported as a differing tensor
-            differing, compared = compare_with_saved(built, model_dir)
+            differing, compared = compare_with_saved(built.saved_state(), model_dir)
             result.update(tensors_compared=compared, tensors_differing=differing, identical=differing == 0)
         print(json.dumps(result))
         return 0 if result.get("identical", True) else 1

@@ -25,6 +25,7 @@ from dpzo_engine.models.adapters import AdapterError, AdapterOptions, build_adap
 from dpzo_engine.models.loading import build_random_model, random_batch
 from dpzo_engine.models.prefix_cache import cached_prefix
 from dpzo_engine.run.first_order import FirstOrderTrainer
+from dpzo_engine.run.run_dir import check_model_sums
 from dpzo_engine.run.session import Session
 from dpzo_engine.train import main as train_main
 from dpzo_engine.zo.engine import ZOEngine
@@ -302,6 +303,11 @@ def test_cli_lora_saves_the_adapter_that_peft_loads_replays_and_merges(assets, t
     assert h["cached_blocks"] == 1 and h["adapter"]["layers"] == "last:1"
     assert h["trainable_numel"] == 2 * (8 * 32 + 32 * 8) + (32 * 32 + 32) + (32 * 2 + 2)  # LoRA q v, pooler, classifier
     assert summary["saved"]["weights_bytes"] < summary["saved"]["merged_weights_bytes"] / 10
+    for d in (out / "model", out / "model-merged"):  # each written whole, with its checksums (run_dir.save_model)
+        listed = {line.split("  ", 1)[1] for line in (d / "SHA256SUMS").read_text().splitlines()}
+        assert listed == {f.name for f in d.iterdir()} - {"SHA256SUMS"}
+        check_model_sums(d)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
     assert replay_main([str(out), "--verify"]) == 0
 
     # what a user does: the base model, then PEFT; and the merged plain model. Both score as reported.
@@ -360,6 +366,41 @@ def test_cli_lora_resume_matches_uninterrupted(assets, tmp_path, monkeypatch):
     b = load_file(cut / "model" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "ledger.jsonl").read_text().splitlines()[1:] == (cut / "ledger.jsonl").read_text().splitlines()[1:]
+
+
+def test_cli_lora_resume_and_replay_refuse_what_integrity_refuses(assets, tmp_path, monkeypatch, capsys):
+    """An adapter run goes through the run directory's checks: another adapter is another config, and a
+    damaged adapter file is named (not reported as a differing tensor)."""
+    from dpzo_engine.replay import main as replay_main
+
+    out = tmp_path / "run"
+    original = Session.save_checkpoint
+
+    def save_then_stop(self, run, step):
+        original(self, run, step)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Session, "save_checkpoint", save_then_stop)
+    assert train_main(cli(assets, out, "--peft", "lora", "--lora-r", "2")) == 130
+    monkeypatch.setattr(Session, "save_checkpoint", original)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    assert train_main(cli(assets, out, "--peft", "lora", "--lora-r", "4", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different config" in err[0] and "lora_r" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+    assert train_main(cli(assets, out, "--peft", "lora", "--lora-r", "2", "--resume")) == 0
+    assert replay_main([str(out), "--verify"]) == 0
+    weights = out / "model" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert replay_main([str(out), "--verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter_model.safetensors is damaged" in err[0], err
 
 
 def test_cli_dp_adamw_with_lora(assets, tmp_path):

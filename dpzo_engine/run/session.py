@@ -63,6 +63,10 @@ class Built:
     flat: FlatParams
     adapter: Adapter | None = None
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a run saves in model/: the adapter's with ``--peft``, else the whole model's."""
+        return self.adapter.state_dict() if self.adapter is not None else self.model.state_dict()
+
 
 def build_model(cfg: TrainConfig, num_labels: int, head: str = "sequence-classification") -> Built:
     """Model, tokenizer, trainable names and flat buffer, deterministic in ``cfg.seed``.
