@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint bench-kernels bench-utility gpu-check gpu-wheels clean
+.PHONY: install train test wheel-check lint bench-kernels bench-utility gpu-check gpu-wheels clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+# Build the wheel, install it into a fresh virtualenv and run the entry points from there (.ci/wheel-check).
+wheel-check: $(STAMP)
+	bash .ci/wheel-check $(PY)
 
 bench-kernels: $(STAMP)
 	$(PY) bench/kernels.py $(ARGS)
