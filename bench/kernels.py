@@ -1,6 +1,6 @@
 """Kernel benchmark: how close one fused ``apply_directions`` pass gets to a plain copy.
 
-Targets are ratios measured in one run on one machine (DESIGN section 8), never absolute times:
+Targets are ratios measured in one run on one machine (docs/design.md section 8), never absolute times:
 
 * CUDA (backend ``triton``, bf16 buffers of 1e8 .. 2e9 elements): throughput against a
   device-to-device ``copy_`` of the same buffer (Rademacher J=1 >= 85 %, Gaussian J=1 >= 60 %);

@@ -1,4 +1,4 @@
-// Torch bindings of the C++/OpenMP CPU kernels (DESIGN sections 2 and 4; the stream spec is
+// Torch bindings of the C++/OpenMP CPU kernels (docs/design.md sections 2 and 4; the stream spec is
 // dpzo_engine/core/stream.py and dpzo_engine/core/gaussian.py, stream version 2).
 //
 // The stream kernels themselves live in stream_kernels.inc, built three times: scalar (isa_scalar.cpp), AVX2

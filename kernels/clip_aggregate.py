@@ -1,4 +1,4 @@
-"""Fused per-example clipping and aggregation of D [B, K] (DESIGN section 4).
+"""Fused per-example clipping and aggregation of D [B, K] (docs/design.md section 4).
 
 Two deterministic kernels, no float atomics (the sums feed the DP mechanism, so they should
 not depend on scheduling):

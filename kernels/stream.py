@@ -1,4 +1,4 @@
-"""The direction stream as @triton.jit helpers (DESIGN section 2; spec: ``dpzo_engine.core.stream``).
+"""The direction stream as @triton.jit helpers (docs/design.md section 2; spec: ``dpzo_engine.core.stream``).
 
 Everything works on *quads*: one Philox4x32-10 call at int64 counter ``q`` yields the four
 stream elements ``4q .. 4q+3``.  Kernels compute per-quad vectors of length BLOCK/4 and

@@ -1,4 +1,4 @@
-"""C++ CPU kernels against the PyTorch reference (DESIGN section 4).
+"""C++ CPU kernels against the PyTorch reference (docs/design.md section 4).
 
 Tolerances: ``directions`` and ``apply_directions`` are **bit-exact** (atol = rtol = 0,
 compared as integer bit patterns; NaN compared as NaN), for both rounding modes, since the

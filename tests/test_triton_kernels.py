@@ -1,11 +1,11 @@
-"""Triton kernels against the PyTorch reference (DESIGN sections 2 and 4).
+"""Triton kernels against the PyTorch reference (docs/design.md sections 2 and 4).
 
 Runs on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py when there is no CUDA)
 and on CUDA tensors when a GPU is present: the same cases, device-parametrised.  Sizes are
 small because the interpreter executes every program in Python (the whole file takes
 about a minute on 2 CPU cores).
 
-Tolerances (the contract, DESIGN section 2/4, stream version 2):
+Tolerances (the contract, docs/design.md sections 2 and 4, stream version 2):
 * directions (Gaussian and Rademacher) and the Gaussian transform on chosen uniforms:
   **bit-exact** (stream v2 is exact fp32 arithmetic, FMA-free, identical on every backend);
 * apply_directions, fp32 and bf16 buffers, nearest and stochastic rounding, with and

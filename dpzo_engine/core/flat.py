@@ -1,4 +1,4 @@
-"""Flat parameter buffer (DESIGN section 3).
+"""Flat parameter buffer (docs/design.md section 3).
 
 Trainable parameters are re-pointed as views into one contiguous buffer per dtype, so
 a fused kernel can perturb or update every trainable weight in a single pass, and the

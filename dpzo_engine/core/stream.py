@@ -1,4 +1,4 @@
-"""The direction stream: the normative PyTorch reference (DESIGN section 2).
+"""The direction stream: the normative PyTorch reference (docs/design.md section 2).
 
 Every backend (Triton, C++, this file) must give the same random direction for the
 same (seed, stream index).  This module is the specification written as code:

@@ -1,4 +1,4 @@
-"""The kernel contracts, one signature for every backend (DESIGN section 4).
+"""The kernel contracts, one signature for every backend (docs/design.md section 4).
 
 ``backend`` is ``"reference"`` (PyTorch, any device), ``"cpu"`` (C++/OpenMP, CPU
 tensors), ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or

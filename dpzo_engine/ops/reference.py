@@ -1,4 +1,4 @@
-"""PyTorch reference of the three kernel contracts (DESIGN section 4).
+"""PyTorch reference of the three kernel contracts (docs/design.md section 4).
 
 Slow and obviously correct: the C++ kernels must match ``directions`` and
 ``apply_directions`` bit for bit, the Triton kernels within the stated tolerances.

@@ -1,6 +1,6 @@
 """Differential privacy for DP-ZO, explicit and Opacus-like: nothing here is hidden in the trainer.
 
-One private step (DESIGN section 5/6)::
+One private step (docs/design.md sections 5 and 6)::
 
     g = secret_generator()                                 # CSPRNG keyed from OS entropy, never logged
     sampler = PoissonSampler(n, q, g)                      # true Poisson sampling, exactly q

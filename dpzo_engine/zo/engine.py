@@ -1,4 +1,4 @@
-"""Zeroth-order estimation over the flat buffer with fused passes (DESIGN section 5).
+"""Zeroth-order estimation over the flat buffer with fused passes (docs/design.md section 5).
 
 Central differences (default), 2K forwards and 2K+1 passes over the parameters:
     +λz1 -> L+ ; -2λz1 -> L- ; (+λz1 +λz2) -> L+ ; -2λz2 -> L- ; ... ; -2λzK -> L-

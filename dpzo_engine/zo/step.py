@@ -1,4 +1,4 @@
-"""One DP-ZO training step (DESIGN section 5), shared by the API, the trainer, replay and the benchmarks.
+"""One DP-ZO training step (docs/design.md section 5), shared by the API, the trainer, replay and the benchmarks.
 
     (lr, λ)  = schedule(t)                     constant, or DP-ZOSO's stages (public)
     seeds    = K public direction seeds of t

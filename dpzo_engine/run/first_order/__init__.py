@@ -5,7 +5,7 @@ fine-tuning needs far more memory for the same utility. Both baselines therefore
 same trainer (``--method dp-adamw | adamw``), on the same tasks, heads, Poisson sampler and
 privacy module as the ZO methods, so a comparison differs only in the optimiser.
 
-DP-AdamW step (Abadi et al. 2016 with AdamW; DESIGN section 6 rules)::
+DP-AdamW step (Abadi et al. 2016 with AdamW; docs/design.md section 6 rules)::
 
     batch = PoissonSampler(n, q, secret).sample()     # our sampler; may be empty
     g_x   = grad of the per-example loss ℓ(θ; x)       # Opacus: norms, or per-sample gradients
