@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         run = None
         try:
             cfg = parse_args(argv)
+            if cfg.steps == 0:  # evaluation only: no run directory, no privacy spent
+                from .evaluate import evaluate_only, print_metrics
+
+                print_metrics(evaluate_only(cfg))
+                return 0
             run = RunDir(cfg.output_dir)
             run.check_output_dir(cfg.resume)  # before anything loads or is written
             run.acquire()  # the run's lock: one writer per directory

@@ -175,7 +175,11 @@ class TrainConfig:
         "auto", "update rounding; auto: stochastic for bfloat16", group="method", choices=("auto", *ops.ROUNDINGS)
     )
     backend: str = option("auto", "kernel backend", group="method", choices=ops.BACKENDS)
-    steps: int = option(100, f"training steps T (at most {MAX_STEPS:.0e})", group="method")
+    steps: int = option(
+        100,
+        f"training steps T (at most {MAX_STEPS:.0e}); 0 evaluates the model on the test split, without training",
+        group="method",
+    )
     seed: int = option(0, "public master seed of the directions and the data splits", group="method", bounds=UINT64)
     # ---------------------------------------------------------------- parameter-efficient fine-tuning
     peft: str = option(
@@ -446,7 +450,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     elif cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {cfg.batch_size!r}")
     _validate_task_options(cfg)
-    for name in ("steps", "max_length", "eval_batch_size", "log_every", "save_every"):
+    if cfg.steps < 0:
+        raise ConfigError(f"--steps must be an integer >= 0 (0: evaluate only), got {cfg.steps!r}")
+    for name in ("max_length", "eval_batch_size", "log_every", "save_every"):
         v = getattr(cfg, name)
         if v is not None and v < 1:  # max_length None: the task's length
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -573,12 +579,12 @@ def _validate_first_order(cfg: TrainConfig) -> None:
         raise ConfigError(f"--physical-batch-size must be a positive integer, got {pb!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m dpzo_engine.train") -> argparse.ArgumentParser:
     """The trainer's parser, generated from TrainConfig (groups, choices, aliases, defaults in the help)."""
     p = options.build_parser(
         TrainConfig,
         GROUPS,
-        prog="python -m dpzo_engine.train",
+        prog=prog,
         usage="%(prog)s [--config FILE] [flags]",
         description="Differentially private zeroth-order fine-tuning (DP-AggZO, DPZero, MeZO, DP-ZOSO, "
         "DP-ZOPO; DP-AdamW and AdamW as baselines). With no arguments: MiniLM-L6 on real tweet sentiment, "
@@ -607,10 +613,10 @@ def _saved_run_config(output_dir: str) -> dict:
     return options.coerce_mapping(TrainConfig, saved, f"--resume: {path}")
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m dpzo_engine.train") -> TrainConfig:
     """Flags over config-file keys over, with ``--resume``, the run's own saved config, over the
     dataclass defaults, validated."""
-    given = vars(build_parser().parse_args(argv))
+    given = vars(build_parser(prog).parse_args(argv))
     path = given.pop("config", None)
     values = options.load_config_file(TrainConfig, path) if path else {}
     if given.get("resume"):

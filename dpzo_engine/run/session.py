@@ -52,6 +52,14 @@ def fingerprint(flat: FlatParams) -> str:
     return h.hexdigest()
 
 
+def load_task(cfg: TrainConfig):
+    """The task's train / dev / test splits as ``cfg`` asks for them (the trainer's and ``evaluate``'s)."""
+    return get_task(
+        cfg.task, data_dir=cfg.data_dir, seed=cfg.seed if cfg.data_seed is None else cfg.data_seed, k_shot=cfg.k_shot,
+        num_train=cfg.num_train, num_dev=cfg.num_dev,
+    )  # fmt: skip
+
+
 @dataclass
 class Built:
     """A run's model as ``build_model`` makes it. ``model`` is what the loss heads call; ``flat``
@@ -132,11 +140,7 @@ class Session:
     def __init__(self, cfg: TrainConfig, run: RunDir, resuming: bool):
         """``resuming``: the run in ``run`` has begun releasing; continue it from its ledger."""
         self.cfg = cfg
-        data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-        self.task = get_task(
-            cfg.task, data_dir=cfg.data_dir, seed=data_seed, k_shot=cfg.k_shot, num_train=cfg.num_train,
-            num_dev=cfg.num_dev,
-        )  # fmt: skip
+        self.task = load_task(cfg)
         config = model_config(cfg.model)  # the model's config.json only: checks before its weights load
         self.head_name = resolve_head(cfg.head, self.task, kind_of_config(config))  # auto: task + model decide
         n = len(self.task.train)

@@ -1,19 +1,27 @@
 """``PrivateZO``: DP zeroth-order training of any model with a per-example loss, from Python.
 
-The CLI trainer is one user of this class; yours can be a dozen lines::
+The CLI trainer is one user of this class; yours can be a few lines::
 
-    zo = PrivateZO.make(model, num_examples=len(data), steps=200, batch_size=64,
+    zo = PrivateZO.make(model, num_examples=len(X), steps=200, batch_size=64,
                         epsilon=2.0, delta=1e-5, num_directions=16, clip=1.0, lr=0.05)
-    for _ in range(zo.steps):
-        idx = zo.sample()                                  # a secret Poisson batch; may be empty
-        zo.step(lambda: my_per_example_loss(model, [data[i] for i in idx]) if idx else None)
+    def loss(xb, yb):                         # one loss per example, at the current parameters
+        return F.cross_entropy(model(xb), yb, reduction="none")
+
+    for idx in zo.batches():                  # secret Poisson batches of example indices (some empty)
+        zo.step(loss, X[idx], y[idx])         # K directions: clip, noise, fused update; accounted
     print(zo.epsilon())
+
+Rules the class enforces, because breaking them silently would break the guarantee or the math:
+each private step releases the batch that ``sample()`` (or ``batches()``) drew from the secret
+generator, exactly once; the loss function returns one loss per example of that batch (shape
+[B]; it is not called for an empty batch, whose release is pure noise); the model stays in eval
+mode (dropout would let the two forwards of a difference see different functions). What trains
+is what has ``requires_grad=True`` when the object is made: freeze the rest first.
 
 What it holds, each part replaceable and documented where it lives: the flat buffer of the
 trainable parameters (``core.flat``), the fused perturbation passes (``zo.engine``), the release
 rule (``zo.rules``: clip, secret noise, / q·n), the stage schedule and mask (``zo.stagewise``), and
-the privacy plan (``privacy.plan``: secret generator, Poisson sampler, σ, accountant). The model
-must be in eval mode with a deterministic loss (no dropout: L+ and L− must see the same function).
+the privacy plan (``privacy.plan``: secret generator, Poisson sampler, σ, accountant).
 
 Releases are made once. Release r (0-based) draws its batch and noise at address r of the secret
 generator; ``resume`` re-applies released steps from their public ledger rows (``replay_step``: no
@@ -23,9 +31,13 @@ is never recomputed, whatever the forward pass would give today.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..core import stream
@@ -54,7 +66,7 @@ class ZOOptions:
     clip_mode: str = "joint"  # "per_direction": the ablation, sensitivity C·√K
     difference: str = "central"
     direction_kind: str = "gaussian"
-    rounding: str = "nearest"  # "stochastic" for bf16 buffers (updates below half an ulp otherwise vanish)
+    rounding: str = "auto"  # auto: stochastic for 16-bit buffers (updates below half an ulp would vanish), else nearest
     backend: str = "auto"
     seed: int = 0  # the public master seed of the direction stream
     stages: StageOptions | None = field(default=None)  # DP-ZOSO / DP-ZOPO attachments
@@ -75,6 +87,9 @@ class ZOOptions:
         return self.method != "mezo"
 
 
+ZO_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ZOOptions))
+
+
 class PrivateZO:
     """Sample, step, account: one object per run (see the module docstring for the loop)."""
 
@@ -86,17 +101,23 @@ class PrivateZO:
             raise ConfigError(f"method must be one of {', '.join(ZO_METHODS)}; got {options.method!r}")
         if options.private != plan.private:
             raise ConfigError(f"method {options.method} needs a {'private' if options.private else 'non-private'} plan")
-        self.model, self.plan, self.options, self.steps = model, plan, options, steps
         self.flat = flat if flat is not None else FlatParams(model)
+        if options.rounding == "auto":
+            half = any(b.dtype in (torch.bfloat16, torch.float16) for b in self.flat.buffers)
+            options = dataclasses.replace(options, rounding="stochastic" if half else "nearest")
+        self.model, self.plan, self.options, self.steps = model, plan, options, steps
         for name, zo_eps in options.perturbation_scales().items():
             check_perturbation_scale(self.flat, zo_eps, name)  # before anything perturbs θ
         self.guard = DivergenceGuard(self.flat, options.max_weight_growth)
         self.engine = ZOEngine(self.flat, options.direction_kind, options.backend, options.difference)
-        stage_opts = options.stages or StageOptions(steps, options.lr, options.zo_eps)
+        stage_opts = options.stages or StageOptions(
+            steps, options.lr, options.zo_eps, options.seed, options.direction_kind, options.rounding
+        )
         self.stages = build_stagewise(stage_opts, model, self.flat, self.engine)
         self.rule = self._rule()
         self._step = ZOStep(self.engine, self.rule, self.stages, options.seed, options.num_directions, options.rounding)
         self.steps_done = 0
+        self._batch: list[int] | None = None  # drawn by sample(), released by the next step()
 
     @classmethod
     def make(
@@ -113,10 +134,17 @@ class PrivateZO:
         **options,
     ) -> PrivateZO:
         """A run over ``num_examples`` examples: Poisson batches of expected size ``batch_size`` (or
-        rate ``sample_rate``), σ calibrated for (ε, δ) over ``steps``. Other keywords: ``ZOOptions``.
-        ``method="mezo"`` (non-private) ignores ε and δ."""
+        rate ``sample_rate``), σ calibrated for (ε, δ) over ``steps`` (a few seconds: the PRV
+        accountant). Other keywords: ``ZOOptions`` (method, num_directions, lr, zo_eps, clip, ...).
+        ``method="mezo"`` (non-private) ignores ε and δ. Puts ``model`` in eval mode."""
         if (batch_size is None) == (sample_rate is None):
             raise ConfigError("give batch_size or sample_rate, not both")
+        if batch_size is not None and not 0 < batch_size <= num_examples:
+            raise ConfigError(f"batch_size must be in (0, num_examples={num_examples}]; got {batch_size}")
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ZOOptions)})
+        if unknown:
+            raise ConfigError(f"unknown option {unknown[0]!r}; ZOOptions has {', '.join(ZO_OPTION_NAMES)}")
+        model.eval()
         opts = ZOOptions(**options)
         plan = PrivacyPlan.create(
             num_examples,
@@ -139,17 +167,44 @@ class PrivateZO:
     # ------------------------------------------------------------------ the loop
     def sample(self) -> list[int]:
         """The next Poisson batch's example indices, from the secret generator (may be empty).
-        One ``sample()`` per ``step()``: both draw at the address of the next release."""
+        The next ``step()`` releases it; a private run cannot draw another before that. Both draw at
+        the address of the next release."""
+        if self._batch is not None and self.options.private:
+            raise ConfigError("sample() called again before step(): every Poisson batch drawn must be released")
         self.plan.sampler.seek(self.plan.releases)
-        return self.plan.sampler.sample().tolist()
+        self._batch = self.plan.sampler.sample().tolist()
+        return self._batch
 
-    def step(self, loss_fn: LossFn | None, forwards: AbstractContextManager | None = None) -> StepRecord:
+    def batches(self) -> Iterator[list[int]]:
+        """``sample()`` for each remaining step; call ``step()`` once per batch."""
+        while self.steps_done < self.steps:
+            before = self.steps_done
+            yield self.sample()
+            if self.steps_done == before:
+                raise ConfigError("each batch from batches() needs exactly one step() before the next")
+
+    def step(
+        self, loss_fn: Callable[..., torch.Tensor] | None, *inputs: Any, forwards: AbstractContextManager | None = None
+    ) -> StepRecord:
         """One release: estimate along K directions, clip, noise, update; counted by the accountant.
-        ``loss_fn()`` returns the per-example losses of the sampled batch; None for an empty batch.
-        Raises TrainingDiverged when θ leaves the guard's band (``zo.guard``): record nothing of that step."""
+
+        ``loss_fn(*inputs)`` returns the per-example losses [B] of the batch ``sample()`` drew, at
+        the current parameters; it runs 2K times (K + 1 with forward differences), under
+        ``torch.no_grad``, and not at all for an empty batch. ``forwards``: a context manager
+        around the step's forwards (e.g. ``models.prefix_cache.cached_prefix``)."""
+        batch = self._batch
+        if batch is None and self.options.private:
+            raise ConfigError(
+                "step() needs a batch from sample() or batches(): a private step releases a Poisson batch"
+            )
+        if self.model.training:
+            raise ConfigError("the model is in training mode: call model.eval() (dropout would make L+ and L- differ)")
+        empty = batch is not None and not batch
+        checked = None if empty or loss_fn is None else _checked(loss_fn, inputs, batch)
+        self._batch = None
         if self.options.private:
             self.rule.mechanism.seek(self.plan.releases)
-        record = self._step(self.steps_done, loss_fn, forwards)
+        record = self._step(self.steps_done, checked, forwards)
         self.guard.check(self.steps_done + 1, record.coefs, record.zo_eps)  # TrainingDiverged: record nothing
         self.plan.accountant.step()
         self.steps_done += 1
@@ -209,6 +264,19 @@ class PrivateZO:
         if self.options.private:
             self.rule.mechanism.generator = self.plan.generator
 
+    def __repr__(self) -> str:
+        o, plan = self.options, self.plan
+        if plan.guaranteed:
+            eps = plan.epsilon() if self.steps_done else 0.0
+            privacy = f"σ={plan.noise_multiplier:.4g}, C={o.clip:g}, ε spent {eps:.4g}"
+        else:
+            privacy = plan.status()
+        return (
+            f"PrivateZO({o.method}, K={o.num_directions}, lr={o.lr:g}, λ={o.zo_eps:g}, "
+            f"{self.flat.numel:,} trainable parameters, q={self.plan.sample_rate:.4g}, {privacy}, "
+            f"step {self.steps_done}/{self.steps})"
+        )
+
     def header(self) -> dict:
         """Public facts of the run for a ledger header."""
         o = self.options
@@ -228,3 +296,19 @@ class PrivateZO:
             "clip_mode": o.clip_mode if o.private else None,
             **self.stages.header(),
         }
+
+
+def _checked(loss_fn: Callable[..., torch.Tensor], inputs: tuple, batch: list[int] | None) -> LossFn:
+    """``loss_fn(*inputs)``, whose result must be one loss per example of ``batch`` (a mean would
+    escape the per-example clipping)."""
+
+    def losses() -> torch.Tensor:
+        out = loss_fn(*inputs)
+        want = (len(batch),) if batch is not None else None
+        if not torch.is_tensor(out) or out.dim() != 1 or (want is not None and tuple(out.shape) != want):
+            got = f"shape {list(out.shape)}" if torch.is_tensor(out) else type(out).__name__
+            size = f" [{len(batch)}]" if batch is not None else ""
+            raise ConfigError(f"the loss function must return one loss per example{size} (reduction='none'); got {got}")
+        return out
+
+    return losses
