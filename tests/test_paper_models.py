@@ -128,7 +128,7 @@ def test_real_smollm2_causal_prompt_on_real_tweets():
     assert isinstance(head, CausalPromptHead)
     examples = task.test[:4] + task.test[-2:]
     batch, _ = check_batch_independent(head, model, tok, examples, max_length=48)
-    assert head.candidates[:, 0].tolist() == [13321, 1109]  # " terrible", " great" (assets.md)
+    assert head.candidates[:, 0].tolist() == [13321, 1109]  # " terrible", " great" in SmolLM2's vocabulary
     with torch.no_grad():  # a real LM expects a word like these after "<tweet> It was": ~0.3-6 % of its mass
         probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().softmax(-1)
         mass = probs[torch.arange(len(examples)), batch["last_positions"]][:, head.candidates[:, 0]].sum(-1)

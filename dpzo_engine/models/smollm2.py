@@ -74,7 +74,8 @@ def smollm2_dir() -> Path:
 
 
 def convert(package_dir: Path, out: Path) -> None:
-    """GGUF → fp32 safetensors + tokenizer files in ``out`` (assets.md's save_pretrained workaround)."""
+    """GGUF → fp32 safetensors + tokenizer files in ``out``. The model read from GGUF keeps a quantization
+    config that save_pretrained refuses, so its weights go into a fresh fp32 model first."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

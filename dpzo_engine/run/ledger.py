@@ -1,6 +1,6 @@
 """The ledger as a resume reads it: what was released, and where the run continues.
 
-Whatever ``ledger.jsonl`` holds was released (DESIGN section 10). A resume therefore re-applies
+Whatever ``ledger.jsonl`` holds was released (docs/design.md section 10). A resume therefore re-applies
 the step rows past the last checkpoint from their public values and never computes them again,
 and the accountant counts every release the file holds. The file is append-only with one header.
 
