@@ -30,6 +30,7 @@ def pairs_jsonl(path: Path, n: int) -> Path:
 
 
 COLS = {"text_column": "review", "label_column": "stars"}
+COLS_FLAGS = ["--text-column", "review", "--label-column", "stars"]
 
 
 def test_three_files_keep_their_roles_and_columns(tmp_path):
@@ -177,3 +178,100 @@ def test_file_flags_combinations_are_checked(tmp_path):
     sst2 = get_task("sst-2", train_file=reviews(tmp_path / "s.csv", 20, labels=("0", "1")), text_column="review",
                     label_column="stars")  # fmt: skip
     assert sst2.label_names == ("negative", "positive") and sst2.prompt is not None  # the paper task's prompt
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+
+def cli_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--trainable", "all", "--max-length", "16", "--batch-size", "8", "--steps", "4",
+        "-K", "2", "--log-every", "2", "--save-every", "2", "--eval-batch-size", "32", "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def own_csv(path: Path, assets_data: Path) -> Path:
+    """The fixture's sentiment rows under the user's own column names (review, stars)."""
+    rows = (assets_data / "train.csv").read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(["review,stars", *rows[1:]]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_trains_on_a_single_file_and_evaluate_scores_the_result(assets, tmp_path, capsys):
+    from transformers import pipeline
+
+    from dpzo_engine.evaluate import main as evaluate_main
+    from dpzo_engine.train import main as train_main
+
+    model_dir, data_dir = assets
+    data = ["--task", "local", "--train-file", str(own_csv(tmp_path / "mine.csv", data_dir)), *COLS_FLAGS]
+    out = tmp_path / "run"
+    assert train_main([*cli_args(model_dir, out), *data]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test"]["n"] == 10  # 10 % of each of the 2 classes of 96 rows, rounded: 5 + 5
+    capsys.readouterr()
+
+    classify = pipeline("text-classification", model=str(out / "model"), device="cpu")
+    assert classify("good great lovely")[0]["label"] in ("negative", "positive")  # named, not LABEL_1
+
+    assert evaluate_main(["--model", str(out / "model"), *data, "--eval-batch-size", "32", "--max-length", "16"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(printed[-1])
+    assert result["n"] == 10 and result["accuracy"] == pytest.approx(summary["final_test"]["accuracy"])
+    assert "no privacy spent" in printed[0]
+
+
+def test_cli_steps_zero_evaluates_and_writes_nothing(assets, tmp_path, capsys):
+    from dpzo_engine.train import main as train_main
+
+    model_dir, data_dir = assets
+    out = tmp_path / "never"
+    args = cli_args(model_dir, out, "--task", "local", "--data-dir", str(data_dir), "--steps", "0")
+    assert train_main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "test" and result["n"] == 32 and 0 <= result["accuracy"] <= 1
+    assert not out.exists()
+
+
+CLI_BAD = [
+    ("empty.csv", b"", "file is empty"),
+    ("latin1.csv", "review,stars\ncaf\xe9 good,positive\n".encode("latin-1"), "not UTF-8"),
+    ("columns.csv", b"body,stars\nhi,positive\n", "missing text column 'review'"),
+    ("header.csv", b"review,stars\n", "no examples below the header"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), CLI_BAD)
+def test_cli_bad_files_one_error_line_exit_2_nothing_written(assets, tmp_path, capsys, name, content, needle):
+    from dpzo_engine.train import main as train_main
+
+    model_dir, _ = assets
+    path = tmp_path / name
+    path.write_bytes(content)
+    out = tmp_path / "run"
+    assert train_main([*cli_args(model_dir, out), "--task", "local", "--train-file", str(path), *COLS_FLAGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_cli_unknown_label_in_the_test_file(assets, tmp_path, capsys):
+    from dpzo_engine.train import main as train_main
+
+    model_dir, data_dir = assets
+    test = tmp_path / "test.csv"
+    test.write_text("review,stars\ngood day,positive\nmeh,neutral\n", encoding="utf-8")
+    train = own_csv(tmp_path / "train.csv", data_dir)
+    argv = [*cli_args(model_dir, tmp_path / "run"), "--task", "local", "--train-file", str(train), "--test-file",
+            str(test), *COLS_FLAGS]  # fmt: skip
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "unknown label 'neutral' in row 2" in err and "\n" not in err
+
+
+def test_evaluate_refuses_steps(capsys):
+    from dpzo_engine.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--steps", "5"]) == 2
+    assert "drop --steps" in capsys.readouterr().err

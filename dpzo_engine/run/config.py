@@ -111,6 +111,52 @@ class TrainConfig:
         shown="the task's own source",
         metavar="PATH",
     )
+    train_file: str | None = option(
+        None,
+        "your training file: CSV or TSV with a header row, or JSON Lines (with --task local)",
+        group="data",
+        metavar="PATH",
+    )
+    validation_file: str | None = option(
+        None, "your dev file", group="data", shown="a tenth of each class of --train-file", metavar="PATH"
+    )
+    test_file: str | None = option(
+        None,
+        "your test file",
+        group="data",
+        shown="a tenth of each class of --train-file, drawn with a fixed seed",
+        metavar="PATH",
+    )
+    text_column: str | None = option(
+        None, "column holding the text", group="data", shown="text, sentence, premise, ...", metavar="NAME"
+    )
+    text_pair_column: str | None = option(
+        None,
+        "column holding a second text (an NLI hypothesis, a question)",
+        group="data",
+        shown="hypothesis beside premise, sentence2 beside sentence1, ...",
+        metavar="NAME",
+    )
+    label_column: str | None = option(
+        None,
+        "column holding the label (names or integers)",
+        group="data",
+        shown="label, gold_label, sentiment, ...",
+        metavar="NAME",
+    )
+    template: str | None = option(
+        None,
+        "prompt heads: where the text and the label word go, e.g. '{text} It was {mask}.'",
+        group="data",
+        shown="the task's",
+    )
+    label_words: str | None = option(
+        None,
+        "prompt heads: one word per class, in label order ('terrible,great') or by label "
+        "('negative=terrible,positive=great')",
+        group="data",
+        shown="the task's, else the label names",
+    )
     head: str = option(
         "auto", "loss head; auto: from the task and the kind of model", group="data", choices=HEAD_CHOICES
     )

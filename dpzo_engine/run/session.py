@@ -56,7 +56,9 @@ def load_task(cfg: TrainConfig):
     """The task's train / dev / test splits as ``cfg`` asks for them (the trainer's and ``evaluate``'s)."""
     return get_task(
         cfg.task, data_dir=cfg.data_dir, seed=cfg.seed if cfg.data_seed is None else cfg.data_seed, k_shot=cfg.k_shot,
-        num_train=cfg.num_train, num_dev=cfg.num_dev,
+        num_train=cfg.num_train, num_dev=cfg.num_dev, train_file=cfg.train_file, validation_file=cfg.validation_file,
+        test_file=cfg.test_file, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
+        label_column=cfg.label_column, template=cfg.template, label_words=cfg.label_words,
     )  # fmt: skip
 
 
