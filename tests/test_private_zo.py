@@ -210,7 +210,17 @@ def test_example_own_model():
 
 def test_example_hf_classifier(tmp_path):
     out = run_example(
-        "hf_classifier.py", "--steps", "4", "--per-class", "64", "--test-size", "64", "--out", str(tmp_path / "m")
+        "hf_classifier.py",
+        "--steps",
+        "3",
+        "--directions",
+        "4",
+        "--per-class",
+        "32",
+        "--test-size",
+        "32",
+        "--out",
+        str(tmp_path / "m"),
     )
     _, _, eps = figures(out)
     assert eps <= 2.0
