@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--model", help="save_pretrained directory or hub id [MiniLM-L6 from its PyPI wheel]")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--directions", type=int, default=64, help="K directions per step")
+    p.add_argument("--batch-size", type=int, default=128, help="expected size of the Poisson batches")
     p.add_argument("--per-class", type=int, default=512, help="training tweets per class")
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--out", help="where to save the fine-tuned model (save_pretrained)")
@@ -72,7 +73,7 @@ def main() -> None:
     print(f"test accuracy before: {accuracy(model, x_test, y_test):.3f}")
 
     zo = dpzo_engine.PrivateZO.make(
-        model, num_examples=len(y), steps=args.steps, batch_size=128, epsilon=2.0, delta=1e-5,
+        model, num_examples=len(y), steps=args.steps, batch_size=args.batch_size, epsilon=2.0, delta=1e-5,
         num_directions=args.directions, clip=1.0, lr=0.05,
     )  # fmt: skip
 

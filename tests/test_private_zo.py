@@ -217,6 +217,8 @@ def test_example_hf_classifier(tmp_path):
         "4",
         "--per-class",
         "32",
+        "--batch-size",
+        "16",
         "--test-size",
         "32",
         "--out",
