@@ -199,11 +199,12 @@ class PrivacyPlan:
         self.sampler.seek(self.accountant.steps)
 
     def secret_state(self) -> dict:
-        """SECRET: the key of the sampling and noise generator. Store it apart, mode 600."""
-        return {"key": self.generator.key}
+        """SECRET: the key of the sampling and noise generator. Store it apart, mode 600. A debug
+        seed's key says so, and stays "not private" when it is loaded again."""
+        return {"key": self.generator.key, "reproducible": self.generator.reproducible}
 
     def load_secret_state(self, state: dict) -> None:
-        self.generator = SecretGenerator(state["key"])
+        self.generator = SecretGenerator(state["key"], reproducible=bool(state.get("reproducible", False)))
         self.sampler.generator = self.generator
 
 
