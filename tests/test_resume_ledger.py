@@ -268,7 +268,7 @@ def test_resume_of_a_run_killed_before_its_first_step_starts_it_again(assets, tm
     """Killed while evaluating the untrained model: the run exists (header, then config.json: the run
     directory's commit, docs/run-directory.md) and has released nothing but its header."""
     out = tmp_path / "run"
-    monkeypatch.setattr(Session, "evaluate", lambda self, split: (_ for _ in ()).throw(Killed()))
+    monkeypatch.setattr(Session, "evaluate", lambda self, *a: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         train_main(args(assets, out))
     monkeypatch.undo()

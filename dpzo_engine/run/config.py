@@ -42,7 +42,7 @@ from ..zo import pruning
 from ..zo.guard import DEFAULT_MAX_GROWTH
 from ..zo.private_zo import ZOOptions
 from ..zo.stagewise import StageOptions
-from . import options
+from . import options, reporting
 from .options import UINT64, option
 
 METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo", "dp-adamw", "adamw")
@@ -381,6 +381,13 @@ class TrainConfig:
         group="bookkeeping",
         identity=False,
     )
+    report_to: str = option(
+        "none",
+        "also log the metrics to TensorBoard, in --output-dir/tensorboard (needs the tensorboard package)",
+        group="bookkeeping",
+        choices=reporting.REPORT_TO,
+        identity=False,
+    )
 
     @property
     def private(self) -> bool:
@@ -506,6 +513,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--eval-every must be >= 0 (0: evaluate only at the end)")
     _validate_limits(cfg)
     _validate_stagewise(cfg)
+    reporting.require(cfg.report_to)
     return cfg
 
 

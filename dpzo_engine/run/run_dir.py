@@ -95,6 +95,7 @@ class RunDir:
         self._wrote_secret = False
         self._chains = {self.ledger_path: "", self.metrics_path: ""}
         self._lines = {self.ledger_path: 0, self.metrics_path: 0}
+        self.metric_sinks: list[Callable[[dict], None]] = []  # e.g. TensorBoard: each metrics row goes there too
 
     @property
     def committed(self) -> bool:
@@ -237,6 +238,9 @@ class RunDir:
 
     def log_metrics(self, row: dict) -> None:
         self._append(self.metrics_path, row)
+        mirrored = journal.finite_or_none(row)  # as the line reads back: NaN is null there
+        for sink in self.metric_sinks:
+            sink(mirrored)
 
     def log_ledger(self, row: dict) -> None:
         self._append(self.ledger_path, row)

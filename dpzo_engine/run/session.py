@@ -33,6 +33,7 @@ from . import preflight
 from .config import FIRST_ORDER_METHODS, TrainConfig
 from .ledger import Ledger, void_for_torn_row
 from .model_card import label_model_config, write_model_card
+from .reporting import TensorBoardLog
 from .run_dir import RunDir
 
 
@@ -191,7 +192,9 @@ class Session:
             if not self.plan.reproducible:
                 run.save_secret(self.plan.generator)  # before the first release (the header's count)
             run.start(cfg, self._ledger_header())  # header, metrics, then config.json: the run exists
-            self.untrained = self.evaluate("test")
+        self.tensorboard = self._attach_tensorboard(run)
+        if not resuming:
+            self.untrained = self.evaluate("test", "eval test (untrained)")
             run.log_metrics({"step": 0, "split": "test", **self.untrained})
 
     def _check_positions(self, config) -> None:
@@ -219,6 +222,14 @@ class Session:
         checkpoint_bytes = sum(b.numel() * b.element_size() for b in self.flat.buffers) if zo is not None else 0
         k = self.cfg.num_directions if zo is not None else 0
         return preflight.estimate_bytes(model_bytes, checkpoint_bytes, steps_left, k, self.cfg.log_every)
+
+    def _attach_tensorboard(self, run: RunDir) -> TensorBoardLog | None:
+        """--report-to tensorboard: every metrics row also goes to run/tensorboard (redone steps purged)."""
+        if self.cfg.report_to != "tensorboard":
+            return None
+        log = TensorBoardLog(run.path / "tensorboard", purge_step=self.start_step + 1 if self.cfg.resume else None)
+        run.metric_sinks.append(log)
+        return log
 
     def _secret_generator(self, run: RunDir) -> privacy.SecretGenerator:
         """The run's key: a debug seed's, the one the run saved (a resume), or a fresh one."""
@@ -311,12 +322,16 @@ class Session:
         """What wraps a step's forwards: the frozen bottom blocks run once, not 2K times (exact)."""
         return cached_prefix(self.model, self.cached_blocks)
 
-    def evaluate(self, split: str) -> dict:
+    def evaluate(self, split: str, progress: str | None = None) -> dict:
+        """The head's metrics on ``split`` (capped at --max-eval-examples), with a progress bar."""
         examples = getattr(self.task, split)
         if self.cfg.max_eval_examples is not None:
             examples = examples[: self.cfg.max_eval_examples]
         with torch.no_grad():
-            return evaluate(self.model, self.head, examples, self.tokenizer, self.cfg.eval_batch_size, self.max_length)
+            return evaluate(
+                self.model, self.head, examples, self.tokenizer, self.cfg.eval_batch_size, self.max_length,
+                progress=progress or f"eval {split}",
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, run: RunDir, step: int) -> None:
@@ -389,7 +404,7 @@ class Session:
         for row in run.state.metrics.rows:
             if row.get("step") == 0 and row.get("split") == "test":
                 return {k: v for k, v in row.items() if k not in ("step", "split")}
-        return self.evaluate("test")
+        return self.evaluate("test", "eval test (untrained)")
 
     # ------------------------------------------------------------------ finish
     def finalize(self, run: RunDir, elapsed: float) -> dict:
@@ -428,6 +443,8 @@ class Session:
             **self.stages.summary(),
         }
         run.write_summary(summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return summary
 
     def privacy_record(self, run: RunDir) -> dict:
@@ -502,9 +519,10 @@ class Session:
         if "adapter" in saved:
             model = f"model/ = the {self.cfg.peft} adapter, {saved['weights_bytes'] / 1e3:.0f} kB of weights"
             model += ", model-merged/" if "merged" in saved else ""
+        files = f"{model}, metrics.jsonl, ledger.jsonl, summary.json" + (", tensorboard/" if self.tensorboard else "")
         print(
             f"\ntest {metric.replace('_', ' ')}: untrained {u:.4f} -> fine-tuned {f:.4f}\n{privacy_line}\n"
-            f"outputs: {summary['output_dir']} ({model}, metrics.jsonl, ledger.jsonl, summary.json)"
+            f"outputs: {summary['output_dir']} ({files})"
         )
 
 

@@ -1,0 +1,91 @@
+"""Progress where a person waits (issue 13 item 6): evaluation's own progress bar, and optional
+TensorBoard logging of the metrics (``--report-to tensorboard``) beside metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from test_train_cli import base_args
+
+from dpzo_engine.core.errors import ConfigError
+from dpzo_engine.run.config import parse_args
+from dpzo_engine.run.reporting import TensorBoardLog
+from dpzo_engine.train import main as train_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard log directory, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_evaluation_shows_its_own_progress_bar(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(base_args(assets, out, "--steps", "4", "--eval-every", "2")) == 0
+    err = capsys.readouterr().err
+    for desc in ("eval test (untrained)", "eval dev", "eval test"):
+        assert f"{desc}:" in err, desc
+    assert "32/32" in err and "ex/s" in err  # the test split's 32 examples counted, with a rate
+
+
+def test_evaluate_without_a_label_prints_nothing(assets, capsys):
+    """The library function stays quiet unless asked (benchmarks call it in loops)."""
+    from dpzo_engine.data import get_task
+    from dpzo_engine.heads import build_head, evaluate
+    from dpzo_engine.models.loading import load_model_and_tokenizer
+
+    model_dir, data_dir = assets
+    task = get_task("local", data_dir=str(data_dir))
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), task.num_labels, dtype=torch.float32)
+    head = build_head("sequence-classification", task)
+    capsys.readouterr()
+    quiet = evaluate(model, head, task.test, tokenizer, 8, 16)
+    assert capsys.readouterr().err == ""
+    loud = evaluate(model, head, task.test, tokenizer, 8, 16, progress="eval here")
+    assert "eval here:" in capsys.readouterr().err and loud == quiet
+
+
+def test_tensorboard_gets_the_metrics_rows(assets, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(base_args(assets, out, "--eval-every", "4", "--report-to", "tensorboard")) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = scalars(out / "tensorboard")
+    assert {"train/loss", "train/epsilon", "train/fraction_clipped", "dev/accuracy", "test/accuracy"} <= set(logged)
+    for split, key in (("train", "loss"), ("train", "epsilon"), ("dev", "accuracy"), ("test", "accuracy")):
+        expected = [(r["step"], r[key]) for r in rows if r.get("split", "train") == split]
+        got = logged[f"{split}/{key}"]
+        assert [s for s, _ in got] == [s for s, _ in expected]
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)  # stored as float32
+    assert [s for s, _ in logged["test/accuracy"]] == [0, 6]  # untrained and final
+
+
+def test_a_resume_purges_the_redone_steps(tmp_path):
+    """After a resume at step 3, steps 4.. are logged again: TensorBoard keeps only the new values."""
+    log = TensorBoardLog(tmp_path)
+    for step in range(1, 7):
+        log({"step": step, "loss": float(step)})
+    log.close()
+    log = TensorBoardLog(tmp_path, purge_step=4)
+    for step in range(4, 7):
+        log({"step": step, "loss": -float(step)})
+    log.close()
+    assert scalars(tmp_path)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, -4.0), (5, -5.0), (6, -6.0)]
+
+
+def test_tensorboard_missing_is_one_clean_error(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ConfigError, match="needs the tensorboard package"):
+        parse_args(["--report-to", "tensorboard"])
+    out = tmp_path / "run"
+    assert train_main(base_args(assets, out, "--report-to", "tensorboard")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --report-to tensorboard needs") and not out.exists()
+    assert parse_args(["--report-to", "none"]).report_to == "none"  # the default needs nothing
