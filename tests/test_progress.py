@@ -67,17 +67,22 @@ def test_tensorboard_gets_the_metrics_rows(assets, tmp_path):
     assert [s for s, _ in logged["test/accuracy"]] == [0, 6]  # untrained and final
 
 
-def test_a_resume_purges_the_redone_steps(tmp_path):
-    """After a resume at step 3, steps 4.. are logged again: TensorBoard keeps only the new values."""
-    log = TensorBoardLog(tmp_path)
-    for step in range(1, 7):
-        log({"step": step, "loss": float(step)})
-    log.close()
-    log = TensorBoardLog(tmp_path, purge_step=4)
-    for step in range(4, 7):
-        log({"step": step, "loss": -float(step)})
-    log.close()
-    assert scalars(tmp_path)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, -4.0), (5, -5.0), (6, -6.0)]
+def test_a_resume_rebuilds_the_events_from_metrics_jsonl(tmp_path):
+    """A killed attempt's events may hold steps the resume redoes, and may lack the last row of
+    metrics.jsonl (a kill between the two writes): after a resume, TensorBoard shows exactly
+    metrics.jsonl's rows, then the new steps."""
+    killed = TensorBoardLog(tmp_path)
+    for step in (1, 2, 3, 5, 6):  # step 4 never reached the events; 5 and 6 are redone after the resume
+        killed({"step": step, "loss": 10.0 + step})
+    killed.writer.file_writer.flush()  # no close: as if killed
+    kept = [{"step": 0, "split": "test", "accuracy": 0.5}, *({"step": s, "loss": 10.0 + s} for s in (1, 2, 3, 4))]
+    resumed = TensorBoardLog.resumed(tmp_path, kept)
+    for step in (5, 6):
+        resumed({"step": step, "loss": -float(step)})
+    resumed.close()
+    logged = scalars(tmp_path)
+    assert logged["train/loss"] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, -5.0), (6, -6.0)]
+    assert logged["test/accuracy"] == [(0, 0.5)]
 
 
 def test_tensorboard_missing_is_one_clean_error(assets, tmp_path, capsys, monkeypatch):

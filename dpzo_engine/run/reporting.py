@@ -8,6 +8,7 @@ for it without it installed is a one-line ConfigError before anything loads.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..core.errors import ConfigError
@@ -26,8 +27,7 @@ def require(report_to: str) -> None:
 
 
 class TensorBoardLog:
-    """Writes each metrics row as scalars; ``purge_step`` (a resume) drops events from the redone steps,
-    as ``RunDir.truncate_logs`` drops their metrics lines."""
+    """Writes each metrics row as scalars under ``log_dir``."""
 
     def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -35,14 +35,27 @@ class TensorBoardLog:
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
+    @classmethod
+    def resumed(cls, log_dir: Path, rows: Iterable[dict]) -> TensorBoardLog:
+        """A resumed run's log: whatever earlier attempts wrote is purged, and ``rows`` (metrics.jsonl as the
+        resume kept it) are written again. A kill can fall between a metrics line and its events, so the
+        events are rebuilt from the record rather than trusted."""
+        log = cls(log_dir, purge_step=0)  # TensorBoard drops earlier events at steps >= 0: all of them
+        log.write(rows)
+        return log
+
     def __call__(self, row: dict) -> None:
-        step = int(row.get("step", 0))
-        split = row.get("split", "train")
-        for key, value in row.items():
-            if key in ("step", "split") or isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            self.writer.add_scalar(f"{split}/{key}", value, step)
-        self.writer.flush()  # rows come every --log-every steps: a killed run keeps what it logged
+        self.write([row])  # rows come every --log-every steps: flushed, so a killed run keeps what it logged
+
+    def write(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            step = int(row.get("step", 0))
+            split = row.get("split", "train")
+            for key, value in row.items():
+                if key in ("step", "split") or isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -34,7 +34,7 @@ from .config import FIRST_ORDER_METHODS, TrainConfig
 from .ledger import Ledger, void_for_torn_row
 from .model_card import label_model_config, write_model_card
 from .reporting import TensorBoardLog
-from .run_dir import RunDir
+from .run_dir import RunDir, read_jsonl
 
 
 def resolve_device(name: str) -> torch.device:
@@ -224,10 +224,12 @@ class Session:
         return preflight.estimate_bytes(model_bytes, checkpoint_bytes, steps_left, k, self.cfg.log_every)
 
     def _attach_tensorboard(self, run: RunDir) -> TensorBoardLog | None:
-        """--report-to tensorboard: every metrics row also goes to run/tensorboard (redone steps purged)."""
+        """--report-to tensorboard: each metrics row also goes to run/tensorboard (rebuilt from metrics.jsonl
+        on a resume)."""
         if self.cfg.report_to != "tensorboard":
             return None
-        log = TensorBoardLog(run.path / "tensorboard", purge_step=self.start_step + 1 if self.cfg.resume else None)
+        path = run.path / "tensorboard"
+        log = TensorBoardLog.resumed(path, read_jsonl(run.metrics_path)) if self.cfg.resume else TensorBoardLog(path)
         run.metric_sinks.append(log)
         return log
 
