@@ -4,6 +4,9 @@ TensorBoard logging of the metrics (``--report-to tensorboard``) beside metrics.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import sys
 
 import pytest
@@ -13,7 +16,9 @@ from test_train_cli import base_args
 from dpzo_engine.core.errors import ConfigError
 from dpzo_engine.run.config import parse_args
 from dpzo_engine.run.reporting import TensorBoardLog
+from dpzo_engine.run.run_dir import read_jsonl
 from dpzo_engine.train import main as train_main
+from dpzo_engine.zo.private_zo import PrivateZO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,6 +88,42 @@ def test_a_resume_rebuilds_the_events_from_metrics_jsonl(tmp_path):
     logged = scalars(tmp_path)
     assert logged["train/loss"] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, -5.0), (6, -6.0)]
     assert logged["test/accuracy"] == [(0, 0.5)]
+
+
+def test_a_resume_through_the_run_directory_leaves_tensorboard_equal_to_metrics_jsonl(
+    assets, tmp_path, capsys, monkeypatch
+):
+    """End to end: SIGTERM during step 3 (checkpoint at 3), then the events of a later attempt that lost
+    everything but a redone step 4, then --resume: TensorBoard holds exactly the rows of metrics.jsonl."""
+    out = tmp_path / "run"
+    step = PrivateZO.step
+
+    def terminated(self, *a, **k):
+        if self.steps_done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(PrivateZO, "step", terminated)
+    assert train_main(base_args(assets, out, "--report-to", "tensorboard")) == 143
+    monkeypatch.setattr(PrivateZO, "step", step)
+    shutil.rmtree(out / "tensorboard")
+    stale = TensorBoardLog(out / "tensorboard")
+    stale({"step": 4, "loss": 99.0})  # a redone step's old value; steps 0-2 never reached the events
+    stale.writer.file_writer.flush()  # no close: as if killed
+    assert train_main(base_args(assets, out, "--report-to", "tensorboard", "--resume")) == 0
+    assert "resuming" in capsys.readouterr().err
+    rows = read_jsonl(out / "metrics.jsonl")
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("step", "split") and isinstance(value, int | float) and not isinstance(value, bool):
+                expected.setdefault(f"{row.get('split', 'train')}/{key}", []).append((row["step"], value))
+    logged = scalars(out / "tensorboard")
+    assert set(logged) == set(expected)
+    for tag, series in expected.items():
+        assert [s for s, _ in logged[tag]] == [s for s, _ in series], tag
+        assert [v for _, v in logged[tag]] == pytest.approx([v for _, v in series], rel=1e-6), tag
+    assert [s for s, _ in logged["train/loss"]] == [2, 4, 6] and 99.0 not in [v for _, v in logged["train/loss"]]
 
 
 def test_tensorboard_missing_is_one_clean_error(assets, tmp_path, capsys, monkeypatch):

@@ -18,6 +18,7 @@ Layout:
                              with --peft the adapter alone (PEFT's format)
     model-merged/            --peft lora --merge-adapter: the adapter merged into a plain model (+ SHA256SUMS)
     summary.json             final accuracies, ε spent, timings (strict JSON: no NaN)
+    tensorboard/             --report-to tensorboard: metrics rows as scalars (a resume rebuilds it from metrics)
 
 Protocol (docs/run-directory.md says why each step is there):
 

@@ -34,7 +34,7 @@ from .config import FIRST_ORDER_METHODS, TrainConfig
 from .ledger import Ledger, void_for_torn_row
 from .model_card import label_model_config, write_model_card
 from .reporting import TensorBoardLog
-from .run_dir import RunDir, read_jsonl
+from .run_dir import RunDir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,7 +192,7 @@ class Session:
             if not self.plan.reproducible:
                 run.save_secret(self.plan.generator)  # before the first release (the header's count)
             run.start(cfg, self._ledger_header())  # header, metrics, then config.json: the run exists
-        self.tensorboard = self._attach_tensorboard(run)
+        self.tensorboard = self._attach_tensorboard(run, resuming)
         if not resuming:
             self.untrained = self.evaluate("test", "eval test (untrained)")
             run.log_metrics({"step": 0, "split": "test", **self.untrained})
@@ -223,13 +223,13 @@ class Session:
         k = self.cfg.num_directions if zo is not None else 0
         return preflight.estimate_bytes(model_bytes, checkpoint_bytes, steps_left, k, self.cfg.log_every)
 
-    def _attach_tensorboard(self, run: RunDir) -> TensorBoardLog | None:
-        """--report-to tensorboard: each metrics row also goes to run/tensorboard (rebuilt from metrics.jsonl
-        on a resume)."""
+    def _attach_tensorboard(self, run: RunDir, resuming: bool) -> TensorBoardLog | None:
+        """--report-to tensorboard: each metrics row also goes to run/tensorboard; a resume rebuilds the events
+        from the metrics rows it kept (verified by integrity.py before any edit), so they match metrics.jsonl."""
         if self.cfg.report_to != "tensorboard":
             return None
         path = run.path / "tensorboard"
-        log = TensorBoardLog.resumed(path, read_jsonl(run.metrics_path)) if self.cfg.resume else TensorBoardLog(path)
+        log = TensorBoardLog.resumed(path, self.kept_metrics) if resuming else TensorBoardLog(path)
         run.metric_sinks.append(log)
         return log
 
@@ -392,6 +392,7 @@ class Session:
         metrics = run.state.metrics.rows
         keep = next((i for i, row in enumerate(metrics) if row["step"] > self.start_step), len(metrics))
         run.continue_from(keep, [void] if void is not None else [])  # the first edit of the directory
+        self.kept_metrics = metrics[:keep]  # metrics.jsonl's rows from here on (TensorBoard is rebuilt from them)
         if void is not None:
             print(f"note: the ledger's last row (step {void['step']}) was cut by the kill: {void['reason']}",
                   file=sys.stderr)  # fmt: skip
