@@ -94,6 +94,37 @@ def test_bad_flags_give_one_error_line_naming_the_flag(tmp_path, capsys, argv, f
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [(["--device", "tpu"], "--device"), (["--device", ""], "--device"), (["--device", "cuda:x"], "--device"),
+     (["--output-dir", ""], "--output-dir"), (["--model", ""], "--model"), (["--data-dir", ""], "--data-dir"),
+     (["--trainable", ""], "--trainable")],
+)  # fmt: skip
+def test_values_no_run_can_use_are_refused_before_anything_loads(tmp_path, capsys, monkeypatch, argv, flag):
+    """An unknown device was a RuntimeError traceback once the data had loaded; an empty --output-dir (or
+    --data-dir) silently meant the current directory, so a run was written into wherever the user stood."""
+    monkeypatch.chdir(tmp_path)
+    out = [] if flag == "--output-dir" else ["--output-dir", str(tmp_path / "run")]
+    code, err = run_main([*argv, *out], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and flag in err[0], err
+    assert list(tmp_path.iterdir()) == []
+    name = flag[2:].replace("-", "_")
+    (tmp_path / "c.yaml").write_text(f"{name}: {argv[1]!r}\n")  # the same value from a config file
+    with pytest.raises(ConfigError, match=f"{name}|{flag}"):
+        parse_args(["--config", str(tmp_path / "c.yaml")])
+
+
+def test_help_is_grouped_and_exits_0(capsys):
+    """``--help`` through the entry point: the flags in their argument groups, in GROUPS' order, on stdout."""
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--help"])
+    assert exit_.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("usage: python -m dpzo_engine.train")
+    titles = [line[:-1] for line in captured.out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == ["options", *GROUPS.values()]
+
+
 def test_huge_seed_in_a_subprocess_has_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     argv = ["--seed", "18446744073709551616", "--output-dir", str(tmp_path / "run")]

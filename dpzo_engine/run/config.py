@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .. import ops
 from ..core import stream
 from ..core.errors import ConfigError
@@ -513,8 +515,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--eval-every must be >= 0 (0: evaluate only at the end)")
     _validate_limits(cfg)
     _validate_stagewise(cfg)
+    _validate_device(cfg.device)
     reporting.require(cfg.report_to)
     return cfg
+
+
+def _validate_device(name: str) -> None:
+    """A device torch can name (cpu, cuda, cuda:N, mps, ...) or auto, refused here rather than as a
+    RuntimeError once the data and the model have loaded. Whether it is present is checked at set-up."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (a torch device), got {name!r}") from None
 
 
 def _validate_limits(cfg: TrainConfig) -> None:

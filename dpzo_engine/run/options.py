@@ -163,9 +163,12 @@ def _to_float(value: Any, f: Flag) -> float:
 
 
 def _to_str(value: Any, f: Flag) -> str:
-    if isinstance(value, str):
-        return value
-    raise ValueError(f"must be a string, got {value!r}")
+    """Non-empty: an empty path means the current directory and an empty name nothing, never what was meant."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    if not value:
+        raise ValueError("must not be empty (omit it for the default)")
+    return value
 
 
 _CONVERT: dict[type, Callable[[Any, Flag], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
