@@ -32,6 +32,7 @@ MODELS = {
     "opt-2.7b": ("opt", "2.7b"),
     "opt-6.7b": ("opt", "6.7b"),
     "roberta-large": ("roberta", "large"),
+    "roberta-mini": ("roberta", "mini"),
     "opt-small": ("opt", "small"),
     "opt-tiny": ("opt", "tiny"),
     "roberta-tiny": ("roberta", "tiny"),

@@ -47,6 +47,8 @@ def check_batch_independent(head, model, tok, examples, max_length=64):
     with torch.no_grad():
         losses = head.per_example_loss(model, batch)
         flipped = head.per_example_loss(model, head.collate(examples[::-1], tok, max_length))
+        prepared = head.per_example_loss(model, head.prepare(model, batch))  # a ZO step's form: mask built once
+    assert torch.equal(prepared, losses)
     assert losses.shape == (len(examples),) and losses.dtype == torch.float32 and torch.isfinite(losses).all()
     torch.testing.assert_close(losses, alone(head, model, tok, examples, max_length), atol=2e-5, rtol=0)
     torch.testing.assert_close(flipped, losses.flip(0), atol=2e-5, rtol=0)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.errors import UserError
 from ..data import Example
+from ..models.inputs import static_inputs
 
 Batch = dict[str, Any]  # tensors, plus non-tensor extras (gold answers) that stay on the host
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -54,6 +55,11 @@ class LossHead(ABC):
     @abstractmethod
     def collate(self, examples: Sequence[Example], tokenizer: Any, max_length: int) -> Batch:
         """Tokenize, truncate to ``max_length`` and right-pad; ``labels`` holds the class indices."""
+
+    def prepare(self, model: nn.Module, batch: Batch) -> Batch:
+        """``batch`` with what all forwards of a step share built once (the model's attention mask and
+        position ids: ``models.inputs``). ``per_example_loss`` takes either form and gives the same losses."""
+        return static_inputs(model, batch)
 
     @abstractmethod
     def per_example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

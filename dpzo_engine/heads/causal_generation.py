@@ -64,7 +64,8 @@ class CausalGenerationHead(LossHead):
         encoder, _ = self._encoder(tokenizer)
         targets = encoder.tokens([encoder.slot.lead + e.answers[0] + self.stop for e in examples])
         prompts = [e.before for e in encoder.encode(examples, max_length, [len(t) for t in targets])]
-        input_ids, attention_mask = right_pad([p + t for p, t in zip(prompts, targets)], tokenizer.pad_token_id)
+        rows = [p + t for p, t in zip(prompts, targets)]
+        input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id, self.pad_to_multiple_of)
         target_tokens = torch.full((len(targets), max(len(t) for t in targets)), IGNORE, dtype=torch.long)
         for i, t in enumerate(targets):
             target_tokens[i, : len(t)] = torch.tensor(t)

@@ -284,6 +284,8 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
     "roberta": {
         "tiny": dict(hidden=32, layers=2, heads=4, ffn=64, vocab=128, pos=64),
         "small": dict(hidden=64, layers=2, heads=4, ffn=128, vocab=512, pos=128),
+        # 4.3 M parameters: the CPU step-time comparison with the published DP-AggZO code (issue 14)
+        "mini": dict(hidden=256, layers=4, heads=4, ffn=1024, vocab=4096, pos=128),
         "base": dict(hidden=768, layers=12, heads=12, ffn=3072, vocab=50265, pos=512),
         "large": dict(hidden=1024, layers=24, heads=16, ffn=4096, vocab=50265, pos=512),
     },

@@ -40,6 +40,7 @@ from ..data.squad import SQUAD_MAX_LENGTH
 from ..data.tasks import DEFAULT_MAX_LENGTH, TWEET_MAX_LENGTH
 from ..heads import HEAD_CHOICES
 from ..models.adapters import PEFT_KINDS, AdapterOptions, check_options, split_names
+from ..models.step_forward import COMPILE_CHOICES, GPU_BATCH_MULTIPLE
 from ..zo import pruning
 from ..zo.guard import DEFAULT_MAX_GROWTH
 from ..zo.private_zo import ZOOptions
@@ -223,6 +224,23 @@ class TrainConfig:
         "auto", "update rounding; auto: stochastic for bfloat16", group="method", choices=("auto", *ops.ROUNDINGS)
     )
     backend: str = option("auto", "kernel backend", group="method", choices=ops.BACKENDS)
+    compile: str = option(
+        "auto",
+        "run each step's forwards under torch.compile; auto: on for CUDA (with CUDA graphs), off on the CPU, "
+        "where compiling takes longer than it saves in short runs (README: Forwards)",
+        group="method",
+        choices=COMPILE_CHOICES,
+        identity=False,
+    )
+    batch_multiple: int | None = option(
+        None,
+        "pad each Poisson batch to a multiple of N rows (repeats of its first example, cut off before the losses "
+        "are used) so that compiled shapes repeat",
+        group="method",
+        shown=f"{GPU_BATCH_MULTIPLE} with CUDA graphs, else 1",
+        bounds=(1, 1 << 16),
+        identity=False,
+    )
     steps: int = option(
         100,
         f"training steps T (at most {MAX_STEPS:.0e}); 0 evaluates the model on the test split, without training",

@@ -24,6 +24,7 @@ from ..heads import build_head, count_at_length, evaluate, resolve_head
 from ..models.adapters import Adapter, build_adapter
 from ..models.loading import kind_of_config, load_model_and_tokenizer, max_positions, model_config, select_trainable
 from ..models.prefix_cache import cached_prefix, frozen_prefix_length
+from ..models.step_forward import GPU_BATCH_MULTIPLE, StepForward
 from ..zo.engine import PassCounter
 from ..zo.guard import rms
 from ..zo.private_zo import PrivateZO
@@ -157,11 +158,21 @@ class Session:
         self.trainable = built.trainable
         self.adapter = built.adapter  # --peft: the PEFT adapter (what the flat buffer covers and what is saved)
         self.device = self.flat.device
-        extra = {"max_new_tokens": cfg.max_new_tokens} if self.head_name == "causal-generation" else {}
-        self.head = build_head(self.head_name, self.task, **extra)
-        self._note_truncation()
         # run once per step, not 2K times (never with prefix-tuning: its virtual tokens enter every block)
         self.cached_blocks = self.adapter.cached_blocks() if self.adapter else frozen_prefix_length(self.model)
+        self.step_forward = StepForward(  # the step's 2K forwards: prepared once, bucketed, compiled (--compile)
+            lambda batch: self.head.per_example_loss(self.model, batch),
+            self.device,
+            cfg.compile,
+            cfg.batch_multiple,
+            prepare=lambda batch: self.head.prepare(self.model, batch),
+            cuda_graphs=False if self.cached_blocks else None,  # a replay could overwrite the cached prefix
+        )
+        extra = {"max_new_tokens": cfg.max_new_tokens} if self.head_name == "causal-generation" else {}
+        if self.step_forward.cuda_graphs:  # one recording per shape: lengths in steps of 8 as well
+            extra["pad_to_multiple_of"] = GPU_BATCH_MULTIPLE
+        self.head = build_head(self.head_name, self.task, **extra)
+        self._note_truncation()
         self.plan = privacy.PrivacyPlan.create(
             n,
             steps=cfg.steps,
@@ -318,7 +329,7 @@ class Session:
     def loss_fn(self, idx: list[int]):
         """The per-example loss of the Poisson batch ``idx``, or None for an empty batch (pure noise)."""
         batch = self.batch(idx)
-        return None if batch is None else (lambda: self.head.per_example_loss(self.model, batch))
+        return None if batch is None else self.step_forward.bind(batch)
 
     def forwards(self):
         """What wraps a step's forwards: the frozen bottom blocks run once, not 2K times (exact)."""
@@ -440,6 +451,7 @@ class Session:
             "forwards": self.engine.counter.forwards,
             "direction_values_per_weight_step": self.engine.counter.direction_values
             / (self.flat.numel * self.cfg.steps),
+            **self._forward_summary(),
             "train_seconds": round(elapsed, 2),
             "output_dir": str(run.path),
             "saved": saved,
@@ -506,7 +518,18 @@ class Session:
         return row
 
     def _metrics_row(self, row: dict) -> dict:
-        return row
+        return row | self._forward_summary()
+
+    def _forward_summary(self) -> dict:
+        """How the forwards ran: compiled or not, seconds in first calls (compilation), rows padded."""
+        f = self.step_forward
+        if not f.stats.forwards:  # first-order runs (and all-empty batches) do not use it
+            return {}
+        return {
+            "compiled_forward": f.compiled,
+            "forward_first_call_s": round(f.stats.first_call_s, 2),
+            "padded_rows": f.stats.padded_rows,
+        }
 
     def print_summary(self, summary: dict) -> None:
         metric = summary.get("metric", "accuracy")
