@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpzo_engine.models.inputs import static_inputs
 from dpzo_engine.models.loading import build_random_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -120,23 +121,35 @@ class AnswerNLL:
 
 class LabelWordLoss:
     """Prompt classification by label words (SST-2, "… It was great / terrible"): cross-entropy over
-    the label words' logits at one position (the last token for a causal LM, the mask for RoBERTa).
+    the label words' logits at one position (the last token for a causal LM, the mask for RoBERTa),
+    computed in one of three forms that give the same per-example losses:
 
-    ``gathered=True`` (our heads): the base model's hidden state at that position only, then only
-    the label words' rows of the LM head. ``gathered=False`` (the published code): the model's full
-    [B, T, V] logits; for a causal LM a log-softmax over the vocabulary at every position (MeZO's
-    ``large_models`` classification loss), for a masked LM the label words' logits at the mask
-    (LM-BFF, MeZO's ``medium_models``). The log-softmax normaliser is common to the label words,
-    so all give the same per-example losses.
+    * ``ours``: the engine's heads. The base model's hidden state at that position only, then only the
+      label words' rows of the LM head; the batch's mask and positions prepared once (``prepare``).
+    * ``published``: what the published ZO code computes. For a masked LM, LM-BFF's prompt model (MeZO's
+      ``medium_models``, the DP-AggZO RoBERTa code): the hidden state at the mask through the whole MLM
+      head, logits over the full vocabulary there. For a causal LM, MeZO's ``large_models``: the model's
+      full [B, T, V] logits and a log-softmax over the vocabulary at every position.
+    * ``plain``: ``model(**batch)`` with its full [B, T, V] logits, then the label words at the position.
+
+    The log-softmax normaliser is common to the label words, so all forms give the same losses.
     """
 
-    def __init__(self, masked_lm: bool, label_ids: tuple[int, ...], gathered: bool):
+    FORMS = ("ours", "published", "plain")
+
+    def __init__(self, masked_lm: bool, label_ids: tuple[int, ...], form: str):
+        if form not in self.FORMS:
+            raise ValueError(f"form must be one of {self.FORMS}")
         self.masked_lm = masked_lm
         self.label_ids = label_ids
-        self.gathered = gathered
+        self.form = form
 
     def position(self, ids: torch.Tensor) -> int:
         return ids.shape[1] - 2 if self.masked_lm else ids.shape[1] - 1  # RoBERTa: the token before </s>
+
+    def prepare(self, model: nn.Module, batch: dict) -> dict:
+        """What all forwards of a step share, built once (ours only: the published code rebuilds it per call)."""
+        return static_inputs(model, batch) if self.form == "ours" else batch
 
     def per_example_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         from dpzo_engine.heads.lm import final_hidden, mlm_transform, output_embedding, vocab_logits
@@ -144,14 +157,18 @@ class LabelWordLoss:
         ids = batch["input_ids"]
         pos = self.position(ids)
         label_ids = torch.tensor(self.label_ids, device=ids.device)
-        if self.gathered:
+        if self.form == "ours":
             hidden = final_hidden(model, batch)[:, pos]
             if self.masked_lm:
                 hidden = mlm_transform(model)(hidden)
             logits = vocab_logits(output_embedding(model), hidden, label_ids)
+        elif self.form == "published" and self.masked_lm:
+            hidden = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"])[0][:, pos]
+            lm_head = model.lm_head if hasattr(model, "lm_head") else model.cls  # RoBERTa / BERT MLM heads
+            logits = lm_head(hidden).index_select(1, label_ids).float()  # [B, V] at the mask, then the words
         else:
             full = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-            if not self.masked_lm:
+            if self.form == "published":
                 full = full.float().log_softmax(dim=-1)
             logits = full[:, pos].index_select(1, label_ids).float()
         return F.cross_entropy(logits, batch["labels"], reduction="none")

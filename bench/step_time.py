@@ -1,29 +1,39 @@
-"""Time per DP-AggZO step: the fused engine against a MeZO-style implementation of the same algorithm.
+"""Time per DP-AggZO step and forwards per second: the engine against what users would run instead.
 
 Why: the engine exists to be faster than the published ZO code. Three implementations of one
 DP-AggZO step (K directions, per-example losses, joint K-space clip, Gaussian noise from the
 secret generator, normalisation by the batch size, update), timed in the same run on the same
 random-init model, batch and per-example losses:
 
-(a) ours, central differences: fused passes over the flat buffer (2K forwards, 2K + 1 passes),
-    hidden states gathered before the LM head (label-word logits only);
+(a) ours, central differences: fused passes over the flat buffer (2K forwards, 2K + 1 passes), the
+    step's forwards through ``StepForward`` (mask and positions built once per step, label-word
+    logits only, compiled when ``--compile`` says so);
 (b) ours, forward differences (K + 1 forwards, K + 1 passes);
 (c) MeZO-style, written here after MeZO's trainer: per direction ``torch.manual_seed(seed)`` then
     ``torch.normal`` per parameter tensor for each of the +λ / −2λ / +λ passes
-    (``p.data = p.data + scale·λ·z``), a separate update pass per direction, and the model's
-    full-vocabulary logits (log-softmax over the vocabulary for the causal LM).
+    (``p.data = p.data + scale·λ·z``), a separate update pass per direction, and the published
+    code's forward (``common.LabelWordLoss`` form ``published``: LM-BFF's MLM head at the mask over
+    the full vocabulary for RoBERTa, full logits and a log-softmax over the vocabulary for OPT).
 
 The clip, the noise and the update coefficients are the engine's ``PrivateRule`` for all three,
-so only the implementation differs. Reported: median step time over interleaved repetitions,
-the ratios (c)/(a) and (c)/(b), and, from one instrumented step each (a device sync around every
-forward), the share of the step spent outside the forward passes.
+so only the implementation differs. Reported: median step time over interleaved repetitions (wall
+and process CPU time, with their spread), the ratios (c)/(a) and (c)/(b), and, from one
+instrumented step each (a device sync around every forward), the share of the step spent outside
+the forward passes.
+
+Forwards per second on the step's batch, interleaved: a plain ``model(**batch)`` loop, the published
+code's forward, ours eager and ours compiled (its first call, the compilation, timed apart).
+``--profile`` adds where a forward's time goes (torch.profiler: matrix products, attention, other
+ops, and the rest: Python and framework work outside the ops).
 
     python bench/step_time.py                # CUDA: OPT-1.3B and RoBERTa-large, K = 16 and 64, bf16
-    python bench/step_time.py --device cpu   # CPU: OPT-125m, K = 2 and 4, small batch (code path only)
-    python bench/step_time.py --quick        # seconds: a tiny OPT, K = 2
+    python bench/step_time.py --device cpu   # CPU: RoBERTa-shaped 4.3 M model, all weights, fp32, K = 16
+                                             # and 64, batch 16 x 32 tokens, one thread
+    python bench/step_time.py --quick        # seconds: a tiny OPT, K = 2, eager forwards only
 
-Writes ``bench/results/step_time_<device>.json`` and prints a table. Targets (GPU): (c)/(a) >= 2,
-(c)/(b) >= 3.5, time outside the forwards <= 10% of our step.
+Writes ``bench/results/step_time_<device>.json`` and prints tables. Targets: GPU, (c)/(a) >= 2,
+(c)/(b) >= 3.5, time outside the forwards <= 10% of our step; CPU (one thread), (c)/(a) >= 2 at
+every K and time outside the forwards <= 25% of our central-difference step.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -45,22 +56,40 @@ from torch import nn
 from dpzo_engine import privacy
 from dpzo_engine.core import stream
 from dpzo_engine.core.flat import FlatParams
+from dpzo_engine.models.step_forward import StepForward, resolve_compile
 from dpzo_engine.zo.engine import ZOEngine
 from dpzo_engine.zo.rules import PrivateRule
 
-GPU_MODELS, CPU_MODELS, QUICK_MODELS = ["opt-1.3b", "roberta-large"], ["opt-125m"], ["opt-small"]
-GPU_DIRECTIONS, CPU_DIRECTIONS, QUICK_DIRECTIONS = (16, 64), (2, 4), (2,)
-CPU_BATCH, CPU_LENGTH, QUICK_BATCH, QUICK_LENGTH = 4, 32, 2, 8
-GPU_REPS, CPU_REPS = 3, 1
+GPU_MODELS, CPU_MODELS, QUICK_MODELS = ["opt-1.3b", "roberta-large"], ["roberta-mini"], ["opt-small"]
+GPU_DIRECTIONS, CPU_DIRECTIONS, QUICK_DIRECTIONS = (16, 64), (16, 64), (2,)
+CPU_BATCH, CPU_LENGTH, QUICK_BATCH, QUICK_LENGTH = 16, 32, 2, 8
+GPU_REPS, CPU_REPS = 3, 3
+FORWARD_REPS, FORWARDS_PER_REP, PROFILED_FORWARDS = 7, 3, 5
 ZO_EPS, LR, CLIP, SIGMA = 1e-3, 1e-6, 1.0, 1.0
 MASTER_SEED = 0
-TARGET_CENTRAL, TARGET_FORWARD, TARGET_OUTSIDE = 2.0, 3.5, 0.10
+TARGET_CENTRAL, TARGET_FORWARD, TARGET_OUTSIDE = 2.0, 3.5, 0.10  # GPU
+TARGET_CPU_CENTRAL, TARGET_CPU_OUTSIDE = 2.0, 0.25  # CPU, one thread
 IMPLEMENTATIONS = ("ours-central", "ours-forward", "mezo-style")
+FORWARD_VARIANTS = ("plain", "published", "ours-eager", "ours-compiled")
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul", "aten::addbmm")
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``fn()``, device-synchronised."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def summary(values: Sequence[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": list(values)}
 
 
 class ForwardClock:
@@ -70,7 +99,7 @@ class ForwardClock:
         self.device, self.on, self.seconds, self.count = device, False, 0.0, 0
 
     def wrap(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def timed() -> torch.Tensor:
+        def clocked() -> torch.Tensor:
             if not self.on:
                 return fn()
             sync(self.device)
@@ -81,7 +110,7 @@ class ForwardClock:
             self.count += 1
             return out
 
-        return timed
+        return clocked
 
 
 def private_rule(k: int, batch_size: int, backend: str) -> PrivateRule:
@@ -91,20 +120,21 @@ def private_rule(k: int, batch_size: int, backend: str) -> PrivateRule:
 
 
 class OursStep:
-    """One DP-AggZO step on the fused engine (the trainer's step without its logging)."""
+    """One DP-AggZO step on the fused engine (the trainer's step without its logging): the batch is
+    bound once per step (``StepForward.bind``), its forwards then run 2K (or K + 1) times."""
 
-    def __init__(self, model: nn.Module, flat: FlatParams, loss, batch: dict, k: int, difference: str, clock):
-        self.flat = flat
+    def __init__(self, flat: FlatParams, forward: StepForward, batch: dict, k: int, difference: str, clock):
+        self.flat, self.forward, self.batch, self.clock = flat, forward, batch, clock
         self.engine = ZOEngine(flat, "gaussian", "auto", difference)
         self.rule = private_rule(k, len(batch["labels"]), self.engine.backend)
-        self.loss = clock.wrap(lambda: loss.per_example_loss(model, batch))
         self.k = k
         self.rounding = "stochastic" if self.flat.buffers[0].dtype == torch.bfloat16 else "nearest"
 
     def __call__(self, t: int) -> None:
         seeds = stream.step_seeds(MASTER_SEED, t, self.k)
         with torch.no_grad():
-            D = self.engine.estimate(self.loss, seeds, ZO_EPS)
+            loss = self.clock.wrap(self.forward.bind(self.batch))
+            D = self.engine.estimate(loss, seeds, ZO_EPS)
             coefs = (-LR * self.rule(D).grad).to(torch.float32).tolist()
             self.engine.finish(seeds, ZO_EPS, coefs, self.rounding, stream.rounding_seed(MASTER_SEED, t))
 
@@ -147,22 +177,116 @@ class MeZOStyleStep:
                 self.update(seed, g)
 
 
-def time_steps(steps: dict[str, Callable[[int], None]], reps: int, device: torch.device, t0: int) -> dict:
-    """Interleaved repetitions (each implementation once per round): wall seconds per implementation."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+def time_rounds(fns: dict[str, Callable[[int], object]], reps: int, device: torch.device, t0: int) -> dict:
+    """Interleaved repetitions (each function once per round): {name: ([wall s], [cpu s])}."""
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
     t = t0
     for _ in range(reps):
-        for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step(t)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            wall, cpu = timed(lambda fn=fn, t=t: fn(t), device)
+            out[name][0].append(wall)
+            out[name][1].append(cpu)
             t += 1
-    return times
+    return out
 
 
-def bench_model(name: str, directions: Sequence[int], batch_size: int, length: int, reps: int, device, dtype) -> dict:
+# ----------------------------------------------------------------------------- forwards per second
+
+
+def forward_variants(model: nn.Module, batch: dict, masked: bool, label_words, device, compiled: bool) -> dict:
+    """name -> (loss function of the batch, the StepForward behind it or None). Built on the same model."""
+    plain = common.LabelWordLoss(masked, label_words, "plain")
+    published = common.LabelWordLoss(masked, label_words, "published")
+    ours = common.LabelWordLoss(masked, label_words, "ours")
+
+    def step_forward(mode: str) -> StepForward:
+        loss = lambda b: ours.per_example_loss(model, b)  # noqa: E731
+        return StepForward(loss, device, mode, prepare=lambda b: ours.prepare(model, b))
+
+    variants = {
+        "plain": (lambda: plain.per_example_loss(model, batch), None),
+        "published": (lambda: published.per_example_loss(model, batch), None),
+    }
+    eager = step_forward("off")
+    variants["ours-eager"] = (eager.bind(batch), eager)
+    if compiled:
+        comp = step_forward("on")
+        variants["ours-compiled"] = (comp.bind(batch), comp)
+    return variants
+
+
+def bench_forwards(variants: dict, device: torch.device) -> dict:
+    """Per-forward wall and CPU seconds of each variant (interleaved rounds of FORWARDS_PER_REP calls),
+    forwards per second, and the compiled variant's first call (its compilation)."""
+    out: dict[str, dict] = {}
+    with torch.no_grad():
+        for name, (fn, forward) in variants.items():  # warm-up; the compiled variant compiles here
+            wall, cpu = timed(fn, device)
+            out[name] = {"first_call_s": wall, "first_call_cpu_s": cpu}
+            if forward is not None and forward.compiled:
+                out[name]["compile_s"] = forward.stats.first_call_s
+        walls: dict[str, list[float]] = {name: [] for name in variants}
+        cpus: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(FORWARD_REPS):
+            for name, (fn, _) in variants.items():
+
+                def several(fn=fn):
+                    for _ in range(FORWARDS_PER_REP):
+                        fn()
+
+                wall, cpu = timed(several, device)
+                walls[name].append(wall / FORWARDS_PER_REP)
+                cpus[name].append(cpu / FORWARDS_PER_REP)
+    for name in variants:
+        out[name] |= {
+            "forward_s": summary(walls[name]),
+            "forward_cpu_s": summary(cpus[name]),
+            "forwards_per_s": 1 / statistics.median(walls[name]),
+            "forwards_per_cpu_s": 1 / statistics.median(cpus[name]),
+        }
+    for name in variants:
+        for ref in ("plain", "published"):
+            out[name][f"speedup_vs_{ref}"] = out[ref]["forward_cpu_s"]["median"] / out[name]["forward_cpu_s"]["median"]
+    return out
+
+
+def profile_forwards(variants: dict, device: torch.device) -> dict:
+    """Where a forward's time goes (torch.profiler, self times per forward): matrix products, attention,
+    other ops, and what is outside any op (Python, framework work; inflated a little by the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    with torch.no_grad():
+        for name, (fn, _) in variants.items():
+            fn()
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(PROFILED_FORWARDS):
+                    fn()
+                sync(device)
+                wall = (time.perf_counter() - start) / PROFILED_FORWARDS
+            events = prof.key_averages()
+            per_op = {e.key: e.self_cpu_time_total / 1e6 / PROFILED_FORWARDS for e in events}
+            gemm = sum(v for k, v in per_op.items() if k in GEMM_OPS)
+            attention = sum(v for k, v in per_op.items() if "scaled_dot_product" in k or "attention" in k)
+            ops = sum(per_op.values())
+            top = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
+            out[name] = {
+                "wall_s": wall,
+                "matrix_products_s": gemm,
+                "attention_s": attention,
+                "other_ops_s": ops - gemm - attention,
+                "outside_ops_s": max(0.0, wall - ops),
+                "top_ops": [{"op": k, "s": v, "share": v / wall} for k, v in top],
+            }
+    return out
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+def bench_model(name: str, directions: Sequence[int], batch_size: int, length: int, reps: int, args, device, dtype):
     arch = common.MODELS[name][0]
     masked = arch == "roberta"
     head = "mlm-prompt" if masked else "causal-prompt"
@@ -171,44 +295,58 @@ def bench_model(name: str, directions: Sequence[int], batch_size: int, length: i
     batch = common.prompt_batch(ours_model, batch_size, length, masked)
     vocab = ours_model.config.vocab_size
     label_words = (vocab // 4, vocab // 2)  # two vocabulary ids standing for " terrible" / " great"
-    ours_loss = common.LabelWordLoss(masked, label_words, gathered=True)
-    mezo_loss = common.LabelWordLoss(masked, label_words, gathered=False)
+    ours_loss = common.LabelWordLoss(masked, label_words, "ours")
+    mezo_loss = common.LabelWordLoss(masked, label_words, "published")
     with torch.no_grad():
-        a, b = ours_loss.per_example_loss(ours_model, batch), mezo_loss.per_example_loss(mezo_model, batch)
+        a = ours_loss.per_example_loss(ours_model, ours_loss.prepare(ours_model, batch))
+        b = mezo_loss.per_example_loss(mezo_model, batch)
+        c = common.LabelWordLoss(masked, label_words, "plain").per_example_loss(mezo_model, batch)
     out = {
         "model": name,
         "loss": "label words" + (" at the mask (masked LM)" if masked else " at the last token (causal LM)"),
         "batch": batch_size,
         "length": length,
         "parameters": sum(p.numel() for p in ours_model.parameters()),
-        "loss_max_abs_difference": float((a - b).abs().max()),  # same per-example losses, two code paths
+        "vocabulary": vocab,
+        # the same per-example losses from the three forms of the forward
+        "loss_max_abs_difference": max(float((a - b).abs().max()), float((a - c).abs().max())),
         "rows": [],
     }
-    clock = ForwardClock(device)
     flat = FlatParams(ours_model)  # once: the parameters become views of one buffer per dtype
+    step_compiled = resolve_compile(args.compile, device)  # what the trainer would do with --compile
+    compiled_forwards = step_compiled or (not args.quick and args.compile != "off")
+    variants = forward_variants(ours_model, batch, masked, label_words, device, compiled_forwards)
+    out["forwards"] = bench_forwards(variants, device)
+    if args.profile:
+        out["profile"] = profile_forwards(variants, device)
+    clock = ForwardClock(device)
+    ours_forward = variants["ours-compiled" if step_compiled else "ours-eager"][1]  # compiled once, reused
+    out["ours_compiled"] = step_compiled
     for k in directions:
         steps = {
-            "ours-central": OursStep(ours_model, flat, ours_loss, batch, k, "central", clock),
-            "ours-forward": OursStep(ours_model, flat, ours_loss, batch, k, "forward", clock),
+            "ours-central": OursStep(flat, ours_forward, batch, k, "central", clock),
+            "ours-forward": OursStep(flat, ours_forward, batch, k, "forward", clock),
             "mezo-style": MeZOStyleStep(mezo_model, mezo_loss, batch, k, clock),
         }
-        time_steps(steps, 1, device, t0=0)  # warm-up: kernels compiled, caches filled
-        times = time_steps(steps, reps, device, t0=1)
+        time_rounds(steps, 1, device, t0=0)  # warm-up: kernels compiled, caches filled
+        times = time_rounds(steps, reps, device, t0=1)
         instrumented = {}
         for impl, step in steps.items():
             clock.on, clock.seconds, clock.count = True, 0.0, 0
-            total = time_steps({impl: step}, 1, device, t0=100)[impl][0]
+            total = time_rounds({impl: step}, 1, device, t0=100)[impl][0][0]
             clock.on = False
             instrumented[impl] = {"step_s": total, "forward_s": clock.seconds, "forwards": clock.count}
-        medians = {impl: statistics.median(v) for impl, v in times.items()}
+        wall = {impl: summary(v[0]) for impl, v in times.items()}
+        cpu = {impl: summary(v[1]) for impl, v in times.items()}
         for impl in IMPLEMENTATIONS:
             ins = instrumented[impl]
             out["rows"].append(
                 {
                     "K": k,
                     "implementation": impl,
-                    "step_s": medians[impl],
-                    "all_step_s": times[impl],
+                    "step_s": wall[impl]["median"],
+                    "step_wall_s": wall[impl],
+                    "step_cpu_s": cpu[impl],
                     "forwards_per_step": ins["forwards"],
                     "passes_per_step": (2 * k + 1 if impl == "ours-central" else k + 1)
                     if impl.startswith("ours")
@@ -216,37 +354,65 @@ def bench_model(name: str, directions: Sequence[int], batch_size: int, length: i
                     "instrumented_step_s": ins["step_s"],
                     "instrumented_forward_s": ins["forward_s"],
                     "outside_forward_share": 1 - ins["forward_s"] / ins["step_s"],
-                    "speedup_vs_mezo_style": medians["mezo-style"] / medians[impl],
+                    "speedup_vs_mezo_style": wall["mezo-style"]["median"] / wall[impl]["median"],
+                    "cpu_speedup_vs_mezo_style": cpu["mezo-style"]["median"] / cpu[impl]["median"],
+                    # spread of the ratio: per-round ratios of the interleaved repetitions
+                    "round_speedups": [m / o for m, o in zip(wall["mezo-style"]["all"], wall[impl]["all"])],
                 }
             )
     return out
 
 
-def evaluate_targets(models: list[dict], gpu: bool) -> list[dict]:
-    def target(name: str, values: list[float], threshold: float, rule: str, at_least: bool) -> dict:
+# ----------------------------------------------------------------------------- targets and output
+
+
+def evaluate_targets(models: list[dict], device: torch.device, quick: bool) -> list[dict]:
+    gpu = device.type == "cuda"
+
+    def target(name: str, values: list[float], threshold: float, rule: str, at_least: bool, judged: bool) -> dict:
         worst = (min(values) if at_least else max(values)) if values else None
-        ok = None if worst is None or not gpu else bool(worst >= threshold if at_least else worst <= threshold)
+        ok = None if worst is None or not judged else bool(worst >= threshold if at_least else worst <= threshold)
         return {"name": name, "measured": worst, "threshold": threshold, "rule": rule, "pass": ok}
 
     rows = [r | {"model": m["model"]} for m in models for r in m["rows"]]
     central = [r["speedup_vs_mezo_style"] for r in rows if r["implementation"] == "ours-central"]
     forward = [r["speedup_vs_mezo_style"] for r in rows if r["implementation"] == "ours-forward"]
     outside = [r["outside_forward_share"] for r in rows if r["implementation"].startswith("ours")]
+    outside_central = [r["outside_forward_share"] for r in rows if r["implementation"] == "ours-central"]
+    cpu = not gpu and not quick
     return [
-        target("MeZO-style / ours (central differences), worst case", central, TARGET_CENTRAL, ">= 2x", True),
-        target("MeZO-style / ours (forward differences), worst case", forward, TARGET_FORWARD, ">= 3.5x", True),
-        target("share of our step outside the forward passes, worst case", outside, TARGET_OUTSIDE, "<= 10%", False),
-    ]
+        target("GPU: MeZO-style / ours (central differences), worst", central, TARGET_CENTRAL, ">= 2x", True, gpu),
+        target("GPU: MeZO-style / ours (forward differences), worst", forward, TARGET_FORWARD, ">= 3.5x", True, gpu),
+        target("GPU: share of our step outside the forwards, worst", outside, TARGET_OUTSIDE, "<= 10%", False, gpu),
+        target("CPU: MeZO-style / ours (central), worst K", central, TARGET_CPU_CENTRAL, ">= 2x", True, cpu),
+        target("CPU: our central step outside the forwards, worst K", outside_central, TARGET_CPU_OUTSIDE, "<= 25%",
+               False, cpu),
+    ]  # fmt: skip
 
 
-def print_table(models: list[dict]) -> None:
-    print(f"{'model':>14} {'K':>3} {'implementation':>14} {'step s':>9} {'vs MeZO':>8} {'outside fwd':>11} {'fwd':>4}")
+def print_tables(models: list[dict]) -> None:
     for m in models:
-        for r in m["rows"]:
+        print(f"\n{m['model']} ({m['parameters'] / 1e6:.1f} M parameters), batch {m['batch']} x {m['length']} tokens")
+        print(f"{'forward':>14} {'ms':>8} {'cpu ms':>8} {'fwd/s':>7} {'vs plain':>8} {'vs published':>12}")
+        for name, f in m["forwards"].items():
             print(
-                f"{m['model']:>14} {r['K']:>3} {r['implementation']:>14} {r['step_s']:>9.4f}"
-                f" {r['speedup_vs_mezo_style']:>7.2f}x {100 * r['outside_forward_share']:>10.1f}%"
-                f" {r['forwards_per_step']:>4}"
+                f"{name:>14} {1e3 * f['forward_s']['median']:>8.2f} {1e3 * f['forward_cpu_s']['median']:>8.2f}"
+                f" {f['forwards_per_s']:>7.1f} {f['speedup_vs_plain']:>7.2f}x {f['speedup_vs_published']:>11.2f}x"
+                + (f"  (compile {f['compile_s']:.1f} s)" if "compile_s" in f else "")
+            )
+        for name, p in m.get("profile", {}).items():
+            parts = ", ".join(
+                f"{key.removesuffix('_s').replace('_', ' ')} {100 * p[key] / p['wall_s']:.0f}%"
+                for key in ("matrix_products_s", "attention_s", "other_ops_s", "outside_ops_s")
+            )
+            print(f"  profile {name}: {1e3 * p['wall_s']:.2f} ms = {parts}")
+        header = ("K", "implementation", "step s", "cpu s", "vs MeZO", "spread", "outside fwd")
+        print(" ".join(f"{h:>{w}}" for h, w in zip(header, (3, 14, 9, 9, 8, 13, 11))))
+        for r in m["rows"]:
+            spread = f"{min(r['round_speedups']):.2f}-{max(r['round_speedups']):.2f}"
+            print(
+                f"{r['K']:>3} {r['implementation']:>14} {r['step_s']:>9.4f} {r['step_cpu_s']['median']:>9.4f}"
+                f" {r['speedup_vs_mezo_style']:>7.2f}x {spread:>13} {100 * r['outside_forward_share']:>10.1f}%"
             )
 
 
@@ -254,19 +420,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda[:i] or cpu")
     p.add_argument("--models", help=f"comma-separated, from {', '.join(common.MODELS)}")
-    p.add_argument("--directions", help="K values [16,64 on CUDA; 2,4 on CPU; 2 quick]")
-    p.add_argument("--batch-size", type=int, help="examples per step [the SST-2 setting on CUDA; 4 on CPU]")
+    p.add_argument("--directions", help="K values [16,64; 2 quick]")
+    p.add_argument("--batch-size", type=int, help="examples per step [the SST-2 setting on CUDA; 16 on CPU]")
     p.add_argument("--seq-len", type=int, help="tokens per example [the SST-2 setting on CUDA; 32 on CPU]")
     p.add_argument("--dtype", help="model dtype [bfloat16 on CUDA, float32 on CPU]")
-    p.add_argument(
-        "--reps", type=int, help=f"timed repetitions per implementation [{GPU_REPS} on CUDA, {CPU_REPS} on CPU]"
-    )
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny OPT, K = 2, two examples")
+    p.add_argument("--threads", type=int, help="intra-op threads [1 on CPU: the issue's setting; torch's on CUDA]")
+    p.add_argument("--reps", type=int, help=f"timed repetitions per implementation [{GPU_REPS}]")
+    p.add_argument("--compile", default="auto", help="our step's forwards: auto (on for CUDA), on, off [auto]")
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of one forward")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny OPT, K = 2, two examples, eager forwards")
     p.add_argument("--out", type=Path, help="JSON path [bench/results/step_time_<device>.json]")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    resolve_compile(args.compile, device)  # a bad value fails here, before any model is built
     if args.quick:
         models, directions, reps = QUICK_MODELS, QUICK_DIRECTIONS, 1
     else:
@@ -278,38 +446,53 @@ def main(argv: Sequence[str] | None = None) -> dict:
     directions = [int(k) for k in args.directions.split(",")] if args.directions else list(directions)
     reps = args.reps or reps
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    threads = args.threads or (None if gpu else 1)
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()
     started = time.perf_counter()
     results = []
     for name in models:
         setting = common.setting_for("sst2", name)
         batch = args.batch_size or (QUICK_BATCH if args.quick else setting.batch if gpu else CPU_BATCH)
         length = args.seq_len or (QUICK_LENGTH if args.quick else setting.length if gpu else CPU_LENGTH)
-        results.append(bench_model(name, directions, batch, length, reps, device, dtype))
+        results.append(bench_model(name, directions, batch, length, reps, args, device, dtype))
         if gpu:
             torch.cuda.empty_cache()
-    targets = evaluate_targets(results, gpu)
+    targets = evaluate_targets(results, device, args.quick)
     report = {
         "benchmark": "step_time",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if gpu else None,
         "cpu": common.cpu_name(),
         "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "torch": torch.__version__,
         "triton": common.triton_version(),
         "python": platform.python_version(),
         "dtype": str(dtype).removeprefix("torch."),
         "quick": args.quick,
         "reps": reps,
-        "timing": "median wall time of interleaved steps, device-synchronised; forward share from one "
-        "instrumented step per implementation (sync around each forward)",
+        "compile": args.compile,
+        "timing": "median of interleaved repetitions, device-synchronised, wall and process CPU time; forward "
+        "share from one instrumented step per implementation (sync around each forward)",
         "algorithm": "DP-AggZO: per-example losses, joint K-space clip C, N(0, sigma^2 C^2) per coordinate, / B",
         "hyperparameters": {"zo_eps": ZO_EPS, "lr": LR, "clip": CLIP, "noise_multiplier": SIGMA},
         "implementations": {
             "ours-central": "fused engine, central differences: 2K forwards, 2K+1 fused passes",
             "ours-forward": "fused engine, forward differences: K+1 forwards, K+1 fused passes",
             "mezo-style": "torch.manual_seed + torch.normal per tensor, +l/-2l/+l passes, one update pass per "
-            "direction, full-vocabulary logits",
+            "direction, the published code's forward",
+        },
+        "forward_variants": {
+            "plain": "model(**batch): full [B, T, V] logits, masks and positions built inside the call",
+            "published": "the published code's forward: RoBERTa, MLM head at the mask over the full vocabulary "
+            "(LM-BFF); OPT, full logits and a log-softmax over the vocabulary (MeZO)",
+            "ours-eager": "StepForward, eager: mask and positions built once per step, label-word rows only",
+            "ours-compiled": "StepForward under torch.compile (symbolic shapes; CUDA graphs on GPU)",
         },
         "targets": targets,
         "results": results,
@@ -319,10 +502,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = args.out or common.RESULTS_DIR / f"step_time_{label}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(results)
-    if not gpu:
-        print("CPU run: the code path is checked; the targets are GPU ratios (to be measured on a GPU)")
-    print("\ntargets:")
+    print_tables(results)
+    print(f"\nload average before/after: {load_before[0]:.2f} / {report['load_average_after'][0]:.2f}")
+    print("targets:")
     common.print_targets(targets, lambda m: "-" if m is None else f"{m:.3f}")
     print(f"wrote {out} ({report['seconds']} s)")
     return report
