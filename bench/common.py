@@ -125,7 +125,8 @@ class LabelWordLoss:
     computed in one of three forms that give the same per-example losses:
 
     * ``ours``: the engine's heads. The base model's hidden state at that position only, then only the
-      label words' rows of the LM head; the batch's mask and positions prepared once (``prepare``).
+      label words' rows of the LM head; the batch's mask and positions prepared once (``prepare``), and
+      in a step the last block computed at that position only (``read_positions``).
     * ``published``: what the published ZO code computes. For a masked LM, LM-BFF's prompt model (MeZO's
       ``medium_models``, the DP-AggZO RoBERTa code): the hidden state at the mask through the whole MLM
       head, logits over the full vocabulary there. For a causal LM, MeZO's ``large_models``: the model's
@@ -146,6 +147,13 @@ class LabelWordLoss:
 
     def position(self, ids: torch.Tensor) -> int:
         return ids.shape[1] - 2 if self.masked_lm else ids.shape[1] - 1  # RoBERTa: the token before </s>
+
+    def read_positions(self, batch: dict) -> torch.Tensor | None:
+        """Ours: the one position the loss reads, so that the last block runs there only."""
+        ids = batch["input_ids"]
+        if self.form != "ours":
+            return None
+        return torch.full((ids.shape[0], 1), self.position(ids), dtype=torch.long, device=ids.device)
 
     def prepare(self, model: nn.Module, batch: dict) -> dict:
         """What all forwards of a step share, built once (ours only: the published code rebuilds it per call)."""

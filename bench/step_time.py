@@ -22,7 +22,8 @@ instrumented step each (a device sync around every forward), the share of the st
 the forward passes.
 
 Forwards per second on the step's batch, interleaved: a plain ``model(**batch)`` loop, the published
-code's forward, ours eager and ours compiled (its first call, the compilation, timed apart).
+code's forward, ours eager with the last block whole, ours eager, and ours compiled (its first call,
+the compilation, timed apart).
 ``--profile`` adds where a forward's time goes (torch.profiler: matrix products, attention, other
 ops, and the rest: Python and framework work outside the ops).
 
@@ -70,7 +71,6 @@ MASTER_SEED = 0
 TARGET_CENTRAL, TARGET_FORWARD, TARGET_OUTSIDE = 2.0, 3.5, 0.10  # GPU
 TARGET_CPU_CENTRAL, TARGET_CPU_OUTSIDE = 2.0, 0.25  # CPU, one thread
 IMPLEMENTATIONS = ("ours-central", "ours-forward", "mezo-style")
-FORWARD_VARIANTS = ("plain", "published", "ours-eager", "ours-compiled")
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul", "aten::addbmm")
 
 
@@ -199,14 +199,19 @@ def forward_variants(model: nn.Module, batch: dict, masked: bool, label_words, d
     published = common.LabelWordLoss(masked, label_words, "published")
     ours = common.LabelWordLoss(masked, label_words, "ours")
 
-    def step_forward(mode: str) -> StepForward:
+    def step_forward(mode: str, trim: bool = True) -> StepForward:
         loss = lambda b: ours.per_example_loss(model, b)  # noqa: E731
-        return StepForward(loss, device, mode, prepare=lambda b: ours.prepare(model, b))
+        return StepForward(
+            loss, device, mode, prepare=lambda b: ours.prepare(model, b), model=model,
+            read_positions=ours.read_positions if trim else None,
+        )  # fmt: skip
 
     variants = {
         "plain": (lambda: plain.per_example_loss(model, batch), None),
         "published": (lambda: published.per_example_loss(model, batch), None),
     }
+    whole = step_forward("off", trim=False)
+    variants["ours-whole-block"] = (whole.bind(batch), whole)
     eager = step_forward("off")
     variants["ours-eager"] = (eager.bind(batch), eager)
     if compiled:
@@ -294,13 +299,15 @@ def bench_model(
     reps: int,
     device: torch.device,
     dtype: torch.dtype,
-    compile: str = "auto",
+    compile: str = "off",
     profile: bool = False,
     compiled_forwards: bool | None = None,
 ) -> dict:
     """Forwards per second, then the three step implementations at each K, on one random-init model.
-    ``compile``: our step's forwards, as the trainer's ``--compile``; ``compiled_forwards``: time a compiled
-    forward in the forwards table too (None: when the step compiles)."""
+    ``compile``: our step's forwards, as the trainer's ``--compile`` (``main`` passes its ``--compile``,
+    default auto; the default here, off, keeps callers on a time budget, ``gpu_check``'s step part, free of
+    a compilation); ``compiled_forwards``: time a compiled forward in the forwards table too (None: when
+    the step compiles)."""
     arch = common.MODELS[name][0]
     masked = arch == "roberta"
     head = "mlm-prompt" if masked else "causal-prompt"
@@ -408,10 +415,10 @@ def evaluate_targets(models: list[dict], gpu: bool, cpu: bool = False) -> list[d
 def print_table(models: list[dict]) -> None:
     for m in models:
         print(f"\n{m['model']} ({m['parameters'] / 1e6:.1f} M parameters), batch {m['batch']} x {m['length']} tokens")
-        print(f"{'forward':>14} {'ms':>8} {'cpu ms':>8} {'fwd/s':>7} {'vs plain':>8} {'vs published':>12}")
+        print(f"{'forward':>16} {'ms':>8} {'cpu ms':>8} {'fwd/s':>7} {'vs plain':>8} {'vs published':>12}")
         for name, f in m["forwards"].items():
             print(
-                f"{name:>14} {1e3 * f['forward_s']['median']:>8.2f} {1e3 * f['forward_cpu_s']['median']:>8.2f}"
+                f"{name:>16} {1e3 * f['forward_s']['median']:>8.2f} {1e3 * f['forward_cpu_s']['median']:>8.2f}"
                 f" {f['forwards_per_s']:>7.1f} {f['speedup_vs_plain']:>7.2f}x {f['speedup_vs_published']:>11.2f}x"
                 + (f"  (compile {f['compile_s']:.1f} s)" if "compile_s" in f else "")
             )
@@ -511,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "plain": "model(**batch): full [B, T, V] logits, masks and positions built inside the call",
             "published": "the published code's forward: RoBERTa, MLM head at the mask over the full vocabulary "
             "(LM-BFF); OPT, full logits and a log-softmax over the vocabulary (MeZO)",
-            "ours-eager": "StepForward, eager: mask and positions built once per step, label-word rows only",
+            "ours-whole-block": "StepForward, eager: mask and positions built once per step, label-word rows only",
+            "ours-eager": "as ours-whole-block, and the last block at the read position only (models.last_block)",
             "ours-compiled": "StepForward under torch.compile (symbolic shapes; CUDA graphs on GPU)",
         },
         "targets": targets,

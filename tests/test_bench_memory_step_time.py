@@ -86,7 +86,7 @@ def test_step_time_quick(tmp_path):
     assert rows["mezo-style"]["speedup_vs_mezo_style"] == 1.0
     assert [t["pass"] for t in report["targets"]] == [None] * 5  # GPU targets not judged on CPU, CPU ones not quick
     forwards = report["results"][0]["forwards"]
-    assert set(forwards) == {"plain", "published", "ours-eager"}  # quick: no compilation
+    assert set(forwards) == {"plain", "published", "ours-whole-block", "ours-eager"}  # quick: no compilation
     assert all(f["forwards_per_s"] > 0 for f in forwards.values())
     assert json.loads((tmp_path / "st.json").read_text())["results"] == report["results"]
 

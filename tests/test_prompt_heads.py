@@ -29,6 +29,7 @@ from dpzo_engine.heads import (
 )
 from dpzo_engine.heads.metrics import best_exact_match, best_f1, normalize_answer
 from dpzo_engine.heads.prompting import PromptEncoder, fit_lengths, special_framing
+from dpzo_engine.models.last_block import last_block_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add contention
 
@@ -47,8 +48,12 @@ def check_batch_independent(head, model, tok, examples, max_length=64):
     with torch.no_grad():
         losses = head.per_example_loss(model, batch)
         flipped = head.per_example_loss(model, head.collate(examples[::-1], tok, max_length))
-        prepared = head.per_example_loss(model, head.prepare(model, batch))  # a ZO step's form: mask built once
+        step_batch = head.prepare(model, batch)  # a ZO step's form: mask built once, last block where read
+        prepared = head.per_example_loss(model, step_batch)
+        with last_block_at(model, head.read_positions(model, step_batch)):
+            trimmed = head.per_example_loss(model, step_batch)
     assert torch.equal(prepared, losses)
+    torch.testing.assert_close(trimmed, losses, atol=2e-6, rtol=2e-6)
     assert losses.shape == (len(examples),) and losses.dtype == torch.float32 and torch.isfinite(losses).all()
     torch.testing.assert_close(losses, alone(head, model, tok, examples, max_length), atol=2e-5, rtol=0)
     torch.testing.assert_close(flipped, losses.flip(0), atol=2e-5, rtol=0)

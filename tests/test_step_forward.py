@@ -18,6 +18,7 @@ from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.heads import SequenceClassificationHead
 from dpzo_engine.heads.base import model_inputs
 from dpzo_engine.models.inputs import static_inputs, supports_static_inputs
+from dpzo_engine.models.last_block import last_block_at, supports_last_block_at
 from dpzo_engine.models.loading import build_random_model, random_batch, select_trainable
 from dpzo_engine.models.prefix_cache import cached_prefix, frozen_prefix_length
 from dpzo_engine.models.step_forward import StepForward, bucket, pad_rows, resolve_compile
@@ -56,6 +57,59 @@ def test_static_inputs_leave_other_batches_to_the_model():
     assert static_inputs(model, rows) is rows  # [B, C, L]: the causal prompt's candidate rows
     model.config._attn_implementation = "flex_attention"
     assert not supports_static_inputs(model)
+
+
+LAST_BLOCK_CASES = [
+    ("bert", {}),
+    ("roberta", {}),
+    ("opt", {}),
+    ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 16}),
+]
+
+
+@pytest.mark.parametrize(("arch", "extra"), LAST_BLOCK_CASES, ids=["bert", "roberta", "opt", "opt-350m-style"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("lengths", [[12, 5, 9, 12], [12, 12, 12, 12]], ids=["padded", "full"])
+def test_last_block_at_the_read_positions_equals_the_whole_block(arch, extra, attn, lengths):
+    """At the positions read, the trimmed last block gives the whole block's final hidden states to fp32
+    rounding (measured: at most 5e-7 on O(1) values); post-LN OPT-350m-style with its output projection too."""
+    model = build_random_model(arch, "tiny", attn_implementation=attn, **extra)
+    batch = random_batch(model, 4, 12, lengths=lengths)
+    n = batch["attention_mask"].sum(1)
+    positions = torch.stack([n - 1, n // 2, torch.zeros_like(n)], 1)  # three positions per example, in any order
+    assert supports_last_block_at(model)
+    for inputs in (batch, static_inputs(model, batch)):
+        with torch.no_grad():
+            whole = model.base_model(**model_inputs(inputs))[0]
+            with last_block_at(model, positions):
+                trimmed = model.base_model(**model_inputs(inputs))[0]
+        index = positions.unsqueeze(-1).expand(4, 3, whole.shape[-1])
+        torch.testing.assert_close(trimmed.gather(1, index), whole.gather(1, index), rtol=2e-6, atol=1e-6)
+    assert "forward" not in vars(last_layer(model))  # the block is itself again
+
+
+def last_layer(model):
+    from dpzo_engine.models.prefix_cache import _blocks
+
+    return _blocks(model)[-1]
+
+
+def test_last_block_runs_whole_where_it_cannot_be_trimmed():
+    positions = torch.zeros(3, 1, dtype=torch.long)
+    llama = build_random_model("llama", "tiny")  # no tail written for it
+    assert not supports_last_block_at(llama)
+    with torch.no_grad(), last_block_at(llama, positions):
+        assert "forward" not in vars(last_layer(llama))
+    model = build_random_model("roberta", "tiny")
+    with last_block_at(model, positions):  # gradients on (DP-AdamW): per-sample hooks need the whole block
+        assert "forward" not in vars(last_layer(model))
+    select_trainable(model, "head")
+    with torch.no_grad(), cached_prefix(model, frozen_prefix_length(model)):  # the cache holds the last block
+        cached = vars(last_layer(model))["forward"]
+        with last_block_at(model, positions):
+            assert vars(last_layer(model))["forward"] is cached
+    with torch.no_grad(), last_block_at(model, None):
+        assert "forward" not in vars(last_layer(model))
 
 
 def test_buckets_and_row_padding():

@@ -61,6 +61,11 @@ class LossHead(ABC):
         position ids: ``models.inputs``). ``per_example_loss`` takes either form and gives the same losses."""
         return static_inputs(model, batch)
 
+    def read_positions(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
+        """Positions [B, P] of the final hidden states the loss reads (None: not known, or all). A ZO step
+        computes the last block there only (``models.last_block``)."""
+        return None
+
     @abstractmethod
     def per_example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """fp32 loss of each example, shape [B], from one batched forward."""

@@ -77,6 +77,12 @@ class CausalGenerationHead(LossHead):
             "labels": torch.full((len(examples),), -1, dtype=torch.long),
         }
 
+    def read_positions(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The positions that predict the target tokens (padding slots clamped into the row; not read)."""
+        tokens = batch["target_tokens"]
+        j = torch.arange(tokens.shape[1], device=tokens.device)
+        return (batch["target_starts"].unsqueeze(1) - 1 + j).clamp(0, batch["input_ids"].shape[1] - 1)
+
     def per_example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         hidden = final_hidden(model, batch)
         tokens = batch["target_tokens"]

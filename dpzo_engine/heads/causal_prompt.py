@@ -87,6 +87,10 @@ class CausalPromptHead(ClassificationHead):
             "labels": labels_tensor(examples),
         }
 
+    def read_positions(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
+        """The last prompt position when the prompt is shared; candidate rows ([B, C, L]) are left whole."""
+        return batch["last_positions"].unsqueeze(1) if batch["input_ids"].dim() == 2 else None
+
     def class_scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         decoder = output_embedding(model)
         ids, last = batch["input_ids"], batch["last_positions"]

@@ -75,6 +75,9 @@ class MaskedLMPromptHead(ClassificationHead):
             "labels": labels_tensor(examples),
         }
 
+    def read_positions(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return batch["mask_positions"].unsqueeze(1)
+
     def class_scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         hidden = final_hidden(model, batch)
         rows = torch.arange(hidden.shape[0], device=hidden.device)

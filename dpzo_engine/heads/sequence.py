@@ -11,6 +11,8 @@ from torch import nn
 from ..data import Example
 from .base import MODEL_INPUTS, Batch, ClassificationHead, check_nonempty, labels_tensor, model_inputs
 
+ENCODER_FIRST_TOKEN = ("bert", "roberta", "xlm-roberta")  # their classifiers read the first token only
+
 
 class SequenceClassificationHead(ClassificationHead):
     """``AutoModelForSequenceClassification`` logits. Right padding with the pad id in the
@@ -42,6 +44,13 @@ class SequenceClassificationHead(ClassificationHead):
         batch: Batch = {k: v for k, v in enc.items() if k in MODEL_INPUTS}
         batch["labels"] = labels_tensor(examples)
         return batch
+
+    def read_positions(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
+        """Encoders classify from the first token ([CLS], <s>: RoBERTa's head and BERT's pooler read it);
+        decoders from each row's last token, found inside the model: left whole."""
+        if getattr(model.config, "is_decoder", False) or model.config.model_type not in ENCODER_FIRST_TOKEN:
+            return None
+        return torch.zeros(batch["input_ids"].shape[0], 1, dtype=torch.long, device=batch["input_ids"].device)
 
     def class_scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(**model_inputs(batch)).logits.float()

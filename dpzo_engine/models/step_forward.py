@@ -1,8 +1,10 @@
 """The 2K forwards of a ZO step, made cheap: prepared once, padded to a bucket, compiled.
 
 A step evaluates one batch 2K times (K + 1 with forward differences) at different θ. What does
-not depend on θ is built once per step (``LossHead.prepare``: the attention mask, position ids),
-and the loss itself can run under ``torch.compile``, with CUDA graphs on a GPU. Compiled code is
+not depend on θ is built once per step (``LossHead.prepare``: the attention mask, position ids;
+``LossHead.read_positions``: where the loss reads the final hidden states, so that the last block
+runs there only, ``models.last_block``), and the loss itself can run under ``torch.compile``, with
+CUDA graphs on a GPU. Compiled code is
 specialised to shapes, and Poisson batch sizes vary from step to step, so batches are padded to a
 few bucket sizes (``batch_multiple``: the row count rounded up to a multiple) by repeating their
 first example; the losses of the padded rows are cut off before anything sees them, so the
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+
+from .last_block import last_block_at
 
 Batch = dict[str, Any]
 LossOnBatch = Callable[[Batch], torch.Tensor]  # per-example losses [B] of a (prepared) batch
@@ -76,7 +81,8 @@ class StepForward:
     """Turns a batch into the loss function of one step: ``step_forward.bind(batch)() -> [B]``.
 
     ``loss`` computes per-example losses of a batch (a head's ``per_example_loss`` on the model);
-    ``prepare`` builds the batch's θ-independent tensors once per step (a head's ``prepare``).
+    ``prepare`` builds the batch's θ-independent tensors once per step (a head's ``prepare``);
+    ``read_positions`` with ``model``: the positions the loss reads, for ``last_block_at``.
     """
 
     def __init__(
@@ -87,6 +93,8 @@ class StepForward:
         batch_multiple: int | None = None,
         prepare: Callable[[Batch], Batch] | None = None,
         cuda_graphs: bool | None = None,
+        model: nn.Module | None = None,
+        read_positions: Callable[[Batch], torch.Tensor | None] | None = None,
     ):
         device = torch.device(device)
         self.compiled = resolve_compile(compile, device)
@@ -99,6 +107,7 @@ class StepForward:
             raise ValueError(f"batch_multiple must be >= 1; got {batch_multiple}")
         self.batch_multiple = batch_multiple
         self.prepare = prepare
+        self.model, self.read_positions = model, read_positions
         self.stats = ForwardStats()
         self._loss = loss
         if self.compiled:
@@ -116,6 +125,7 @@ class StepForward:
         rows = bucket(n, self.batch_multiple)
         padded = pad_rows(prepared, rows)
         shape = tuple((k, tuple(v.shape)) for k, v in padded.items() if torch.is_tensor(v))
+        positions = self.read_positions(padded) if self.read_positions is not None and self.model is not None else None
         stats = self.stats
 
         def losses() -> torch.Tensor:
@@ -123,7 +133,8 @@ class StepForward:
             start = time.perf_counter() if first else 0.0
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-            out = self._run(padded)
+            with last_block_at(self.model, positions):  # positions None: the block runs whole
+                out = self._run(padded)
             if rows != n or self.cuda_graphs:
                 out = out[:n].clone()  # padded rows cut off; a CUDA-graph output is overwritten by the next replay
             if first:

@@ -167,6 +167,8 @@ class Session:
             cfg.batch_multiple,
             prepare=lambda batch: self.head.prepare(self.model, batch),
             cuda_graphs=False if self.cached_blocks else None,  # a replay could overwrite the cached prefix
+            model=self.model,
+            read_positions=lambda batch: self.head.read_positions(self.model, batch),
         )
         extra = {"max_new_tokens": cfg.max_new_tokens} if self.head_name == "causal-generation" else {}
         if self.step_forward.cuda_graphs:  # one recording per shape: lengths in steps of 8 as well
