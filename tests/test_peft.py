@@ -24,6 +24,7 @@ from dpzo_engine.heads import SequenceClassificationHead
 from dpzo_engine.models.adapters import AdapterError, AdapterOptions, build_adapter
 from dpzo_engine.models.loading import build_random_model, random_batch
 from dpzo_engine.models.prefix_cache import cached_prefix
+from dpzo_engine.models.step_forward import StepForward
 from dpzo_engine.run.first_order import FirstOrderTrainer
 from dpzo_engine.run.run_dir import check_model_sums
 from dpzo_engine.run.session import Session
@@ -151,6 +152,36 @@ def test_cached_estimates_equal_uncached_with_an_adapter(kind):
 
     D_cached, D_plain = run(True), run(False)
     assert torch.equal(D_cached, D_plain) and bool(D_plain.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "opt"])  # encoder: last block trimmed to [CLS]; decoder: left whole
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_step_forwards_with_an_adapter_equal_the_plain_forward(arch, kind):
+    """A step's forwards as the session runs them (the mask and positions built once where the adapter
+    allows, the last block at the read positions) give the plain forward's losses: LoRA on every block,
+    the last included, and prefix-tuning, whose hook needs the model's own 2-D mask."""
+    model = build_random_model(arch, "tiny", seed=0)
+    a = lora(model) if kind == "lora" else prefix(model)
+    train_a_little(FlatParams(a.peft_model))
+    head = SequenceClassificationHead()
+    batch = random_batch(a.model, 4, 9, seed=2)
+
+    def step_losses(static: bool) -> torch.Tensor:
+        forward = StepForward(
+            lambda b: head.per_example_loss(a.model, b), "cpu", "off",
+            prepare=(lambda b: head.prepare(a.model, b)) if static else None,
+            model=a.model, read_positions=lambda b: head.read_positions(a.model, b),
+        )  # fmt: skip
+        return forward.bind(batch)()
+
+    with torch.no_grad():
+        plain = head.per_example_loss(a.model, batch)
+        assert a.static_inputs == (kind == "lora")
+        ours = step_losses(a.static_inputs)
+        if kind == "prefix":  # why prefix-tuning gets the model's own inputs: a prepared 4-D mask breaks its hook
+            with pytest.raises(RuntimeError):
+                step_losses(True)
+    torch.testing.assert_close(ours, plain, rtol=2e-6, atol=1e-6)  # the trimmed block: fp32 rounding
 
 
 def test_a_cache_that_ignored_the_prefix_would_be_wrong():

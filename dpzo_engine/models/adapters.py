@@ -245,6 +245,12 @@ class Adapter:
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.peft_model.named_parameters() if p.requires_grad]
 
+    @property
+    def static_inputs(self) -> bool:
+        """Whether a step may build the model's attention mask and position ids once (``models.inputs``):
+        not with prefix-tuning, whose hook prepends the virtual positions to the 2-D mask the model gets."""
+        return not self.is_prefix
+
     def cached_blocks(self) -> int:
         """Leading blocks a step may run once (``prefix_cache``): 0 for prefix-tuning, whose virtual
         tokens enter every block's attention; below the first adapted block for LoRA."""

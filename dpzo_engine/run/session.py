@@ -160,12 +160,13 @@ class Session:
         self.device = self.flat.device
         # run once per step, not 2K times (never with prefix-tuning: its virtual tokens enter every block)
         self.cached_blocks = self.adapter.cached_blocks() if self.adapter else frozen_prefix_length(self.model)
+        static = self.adapter.static_inputs if self.adapter else True  # prefix-tuning: the model's own inputs
         self.step_forward = StepForward(  # the step's 2K forwards: prepared once, bucketed, compiled (--compile)
             lambda batch: self.head.per_example_loss(self.model, batch),
             self.device,
             cfg.compile,
             cfg.batch_multiple,
-            prepare=lambda batch: self.head.prepare(self.model, batch),
+            prepare=(lambda batch: self.head.prepare(self.model, batch)) if static else None,
             cuda_graphs=False if self.cached_blocks else None,  # a replay could overwrite the cached prefix
             model=self.model,
             read_positions=lambda batch: self.head.read_positions(self.model, batch),
