@@ -771,6 +771,48 @@ def print_table(results: dict) -> None:
             )
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def peft_markdown(results: dict) -> str:
+    """The PEFT comparison of a results JSON as Markdown (the README's table is this output, not typed):
+    per row test accuracy, wall time of one run, weights saved and extra training memory, then the
+    DP-AggZO + LoRA against DP-AdamW + LoRA check."""
+    config = results["config"]
+    lines = [
+        "| task | method | ε | test accuracy | lr | C | wall time / run | weights saved | extra training memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    checks = []
+    for t in results["tasks"]:
+        u = t["untrained"]["test"]["accuracy"]
+        lines.append(f"| {t['task']} | untrained | – | {u:.3f} | – | – | – | – | – |")
+        rows = [r for r in t["methods"] if _peft_row(r) or (_k_row(r) and r["K"] in config.get("peft_ks", ()))]
+        for r in rows:
+            a, sec = r["test_accuracy"], r["train_seconds"]
+            clip = "–" if r["chosen"]["clip"] is None else f"{r['chosen']['clip']:g}"
+            eps = "–" if r["epsilon"] is None else f"{r['epsilon']:g}"
+            extra = r.get("extra_training_bytes") or {}
+            memory = _size(extra["total"]) if "total" in extra else "–"
+            lines.append(
+                f"| | {r['label']} | {eps} | {a['mean']:.3f} ± {a['std']:.3f} ({a['min']:.3f}–{a['max']:.3f}) | "
+                f"{r['chosen']['lr']:g} | {clip} | {sec['mean']:.1f} s | {_size(r['saved_weights_bytes'])} | {memory} |"
+            )
+        for c in t.get("peft_claim", []):
+            verdict = "within two points" if c["within_two_points"] else "not within two points"
+            memory = c["extra_training_bytes_ratio"]
+            checks.append(
+                f"- {t['task']}, ε = {c['epsilon']:g}: DP-AdamW + LoRA minus DP-AggZO (K = {c['K']}) + LoRA = "
+                f"{100 * c['dp_adamw_minus_dp_aggzo']:+.1f} points ({verdict}; the larger seed range is "
+                f"{100 * c['seed_spread']:.1f} points). DP-AggZO's run takes {c['train_seconds_ratio']:.2f}x "
+                f"DP-AdamW's wall time"
+                + ("" if memory is None else f" and holds {memory:.2g}x its extra training memory")
+                + "."
+            )
+    return "\n".join(lines + (["", *checks] if checks else [])) + "\n"
+
+
 TASK_DEFAULTS = {  # max_length, k_shot (None: the task's default); tweets: 512 per class, as in the committed results
     "tweet-sentiment": (48, 512),
     "tweet-sentiment-3": (48, 512),
@@ -836,7 +878,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     g.add_argument("--fo-clips", default="0.5,2", help="DP-AdamW clipping thresholds C (per-example gradient L2)")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 steps, one grid point, 2 seeds, 2 Ks")
     p.add_argument("--out", type=Path)
+    p.add_argument("--markdown", type=Path, metavar="JSON", help="print the PEFT rows of JSON as Markdown; no run")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(peft_markdown(json.loads(args.markdown.read_text())), end="")
+        return {}
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.seeds, args.ks, args.lrs, args.betas = 8, 2, "1,16", "0.01", "4"

@@ -109,3 +109,9 @@ def test_peft_rows_dp_aggzo_and_dp_adamw_on_a_lora_adapter(utility, tmp_path):
     }
     utility.plot(results, tmp_path / "u.png")
     assert (tmp_path / "u.png").stat().st_size > 1000
+    results["tasks"][0]["peft_claim"] = [check]
+    md = utility.peft_markdown(results).splitlines()
+    assert md[2] == "| tiny | untrained | – | 0.500 | – | – | – | – | – |"
+    zo_line = next(line for line in md if line.startswith("| | DP-AggZO (K=4) + LoRA | 2 |"))
+    assert f"{zo['test_accuracy']['mean']:.3f} ± " in zo_line and f"{zo['train_seconds']['mean']:.1f} s" in zo_line
+    assert md[-1].startswith("- tiny, ε = 2: DP-AdamW + LoRA minus DP-AggZO (K = 4) + LoRA = ")
