@@ -807,7 +807,7 @@ def peft_markdown(results: dict) -> str:
                 f"{100 * c['dp_adamw_minus_dp_aggzo']:+.1f} points ({verdict}; the larger seed range is "
                 f"{100 * c['seed_spread']:.1f} points). DP-AggZO's run takes {c['train_seconds_ratio']:.2f}x "
                 f"DP-AdamW's wall time"
-                + ("" if memory is None else f" and holds {memory:.2g}x its extra training memory")
+                + ("" if memory is None else f"; its extra training memory is {100 * memory:.2g} % of DP-AdamW's")
                 + "."
             )
     return "\n".join(lines + (["", *checks] if checks else [])) + "\n"
