@@ -3,8 +3,9 @@
 //
 // The stream kernels themselves live in stream_kernels.inc, built three times: scalar (isa_scalar.cpp), AVX2
 // (isa_avx2.cpp) and AVX-512 (isa_avx512.cpp).  The best build the CPU supports is chosen at load time
-// (CPUID); DPZO_CPU_ISA=scalar|avx2|avx512 or set_isa() forces one.  All builds perform the same IEEE fp32
-// operations, so they return the same bits as each other, as the PyTorch reference and as Triton.
+// (CPUID); DPZO_CPU_ISA=scalar|avx2|avx512 or set_isa() forces one.  All builds perform the reference's IEEE
+// fp32 operations (or, in a few marked steps, other exact operations with the same results), so they return the
+// same bits as each other, as the PyTorch reference and as Triton.
 //
 // Work is split into blocks of kBlock stream indices aligned to multiples of kBlock; every element is computed
 // from its own stream index only, so the result depends neither on the thread count nor on the ISA.
@@ -126,6 +127,11 @@ struct Blocks {
   }
 };
 
+// Blocks are handed out dynamically, kBlocksPerGrab at a time (16 K stream indices, ~20 us of Gaussian work):
+// on a shared machine a thread that is preempted no longer holds up a fixed half of the range while the other
+// waits at the barrier.  The results do not depend on who computes which block.
+constexpr int kBlocksPerGrab = 8;
+
 int num_threads_for(int64_t blocks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
 }
@@ -142,7 +148,7 @@ at::Tensor directions(int64_t seed, int64_t offset, int64_t count, bool rademach
   const Blocks blocks(offset, count);
   const IsaKernels& k = kernels();
   const int nthreads = num_threads_for(blocks.count);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, kBlocksPerGrab) num_threads(nthreads)
   for (int64_t b = 0; b < blocks.count; ++b) {
     int64_t i0, i1;
     blocks.span(b, &i0, &i1);
@@ -187,7 +193,7 @@ void apply_directions(at::Tensor buf, at::Tensor seeds, at::Tensor coefs, bool r
   const Blocks blocks(offset, n);
   const IsaKernels& k = kernels();
   const int nthreads = num_threads_for(blocks.count);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, kBlocksPerGrab) num_threads(nthreads)
   for (int64_t b = 0; b < blocks.count; ++b) {
     int64_t i0, i1;
     blocks.span(b, &i0, &i1);

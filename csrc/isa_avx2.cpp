@@ -12,7 +12,19 @@ namespace dpzo {
 namespace isa_avx2 {
 namespace {
 #include "simd_avx2.inc"
+namespace gaussian_path {  // four registers per value (8 lanes each)
+#define DPZO_WAYS 4
+#include "simd_ways.inc"
+#undef DPZO_WAYS
 #include "stream_kernels.inc"
+}  // namespace gaussian_path
+namespace rademacher_path {  // two registers per value
+#define DPZO_WAYS 2
+#include "simd_ways.inc"
+#undef DPZO_WAYS
+#include "stream_kernels.inc"
+}  // namespace rademacher_path
+#include "stream_dispatch.inc"
 }  // namespace
 }  // namespace isa_avx2
 

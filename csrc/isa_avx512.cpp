@@ -13,7 +13,19 @@ namespace dpzo {
 namespace isa_avx512 {
 namespace {
 #include "simd_avx512.inc"
+namespace gaussian_path {  // four registers per value (16 lanes each)
+#define DPZO_WAYS 4
+#include "simd_ways.inc"
+#undef DPZO_WAYS
 #include "stream_kernels.inc"
+}  // namespace gaussian_path
+namespace rademacher_path {  // two registers per value
+#define DPZO_WAYS 2
+#include "simd_ways.inc"
+#undef DPZO_WAYS
+#include "stream_kernels.inc"
+}  // namespace rademacher_path
+#include "stream_dispatch.inc"
 }  // namespace
 }  // namespace isa_avx512
 

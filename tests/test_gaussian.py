@@ -50,12 +50,14 @@ def all_uniforms(start: int = 0, stop: int = NUM_UNIFORMS) -> torch.Tensor:
 
 def hard_uniforms() -> tuple[torch.Tensor, torch.Tensor]:
     """(u_a, u_b) edge cases: the clamp, the ends, powers of two, √2/2, and 64 neighbours of every
-    multiple of 1/8 (quadrant boundaries and octant midpoints of 2π u)."""
+    multiple of 1/8 (quadrant boundaries and octant midpoints of 2π u) and of every u where the sine's
+    s⁵ tail is cut off (|s| = 2⁻¹², u = k/4 ± 2⁻¹⁵)."""
     ends = torch.tensor([0.0, gaussian.UNIFORM_SCALE, gaussian.MIN_U, 0.99999994, 0.70710677, 0.7071068])
     clamp = (torch.tensor([gaussian.MIN_U]).view(torch.int32) + torch.arange(-8, 9, dtype=torch.int32)).view(F32)
     powers = torch.tensor([2.0**-k for k in range(1, 24)])
-    eighths = torch.tensor([k / 8 for k in range(8)], dtype=F32).view(torch.int32)
-    near = (eighths[:, None] + torch.arange(-64, 65, dtype=torch.int32)[None, :]).view(-1).view(F32)
+    cutoffs = [k / 4 + d * gaussian.TAIL_CUTOFF / 8 for k in range(5) for d in (-1, 1)]
+    centres = torch.tensor([k / 8 for k in range(8)] + cutoffs, dtype=F32).view(torch.int32)
+    near = (centres[:, None] + torch.arange(-64, 65, dtype=torch.int32)[None, :]).view(-1).view(F32)
     # drops the negative patterns below 0, and the subnormals near 0 that no stream word makes
     near = near[(near == 0) | ((near >= gaussian.UNIFORM_SCALE) & (near < 1))]
     u_a = torch.cat([ends, clamp, powers, powers * 1.0000001])

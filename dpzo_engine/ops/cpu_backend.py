@@ -26,7 +26,15 @@ from ..core import stream
 EXTENSION_NAME = "dpzo_cpu"
 SOURCES = ("dpzo_cpu.cpp", "isa_scalar.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
 # ninja's depfiles rebuild on changes to these
-HEADERS = ("kernels_api.h", "stream_kernels.inc", "simd_scalar.inc", "simd_avx2.inc", "simd_avx512.inc")
+HEADERS = (
+    "kernels_api.h",
+    "stream_kernels.inc",
+    "stream_dispatch.inc",
+    "simd_scalar.inc",
+    "simd_avx2.inc",
+    "simd_avx512.inc",
+    "simd_ways.inc",
+)
 ISAS = ("scalar", "avx2", "avx512")
 # -fno-math-errno only lets sqrt vectorise (results are unchanged); never -ffast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
