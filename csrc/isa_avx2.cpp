@@ -18,7 +18,7 @@ namespace gaussian_path {  // four registers per value (8 lanes each)
 #undef DPZO_WAYS
 #include "stream_kernels.inc"
 }  // namespace gaussian_path
-namespace rademacher_path {  // two registers per value
+namespace rademacher_path {  // two registers per value (16 counters: 2048 signs, one block)
 #define DPZO_WAYS 2
 #include "simd_ways.inc"
 #undef DPZO_WAYS

@@ -19,8 +19,8 @@ namespace gaussian_path {  // four registers per value (16 lanes each)
 #undef DPZO_WAYS
 #include "stream_kernels.inc"
 }  // namespace gaussian_path
-namespace rademacher_path {  // two registers per value
-#define DPZO_WAYS 2
+namespace rademacher_path {  // one register per value (16 counters: 2048 signs, one block)
+#define DPZO_WAYS 1
 #include "simd_ways.inc"
 #undef DPZO_WAYS
 #include "stream_kernels.inc"
