@@ -5,6 +5,7 @@ It takes the trainer's flags (``--model``, ``--task``, the data and head flags, 
 scored on the data it was trained for, or a base model's zero-shot prompt on yours:
 
     python -m dpzo_engine.evaluate --model runs/default/model
+    python -m dpzo_engine.evaluate --model runs/lora/model        # a --peft run's adapter, on its base model
     python -m dpzo_engine.evaluate --model smollm2 --task local --train-file reviews.csv \
         --template "{text} It was {mask}." --label-words "negative=terrible,positive=great"
 
@@ -21,19 +22,28 @@ import torch
 
 from .core.errors import ConfigError, UserError, report
 from .heads import build_head, evaluate, resolve_head
-from .models.loading import load_model_and_tokenizer, model_kind
+from .models.adapters import adapter_base_model, is_adapter_dir, load_saved_adapter
+from .models.loading import ModelError, load_model_and_tokenizer, model_kind
 from .run.config import TrainConfig, parse_args
 from .run.session import load_task, resolve_device
 
 
 def evaluate_only(cfg: TrainConfig) -> dict:
-    """The test metrics of ``cfg.model`` on ``cfg.task`` (a fresh head is initialised from ``cfg.seed``)."""
+    """The test metrics of ``cfg.model`` on ``cfg.task`` (a fresh head is initialised from ``cfg.seed``).
+    ``cfg.model`` may be a ``--peft`` run's adapter directory: its base model is loaded, then the adapter."""
     task = load_task(cfg)
-    head_name = resolve_head(cfg.head, task, model_kind(cfg.model))
-    torch.manual_seed(cfg.seed)  # a head the checkpoint lacks starts as a training run's would
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model, task.num_labels, dtype=getattr(torch, cfg.dtype), device=resolve_device(cfg.device), head=head_name
-    )
+    adapter = cfg.model if is_adapter_dir(cfg.model) else None
+    base = adapter_base_model(adapter) if adapter else cfg.model
+    try:
+        head_name = resolve_head(cfg.head, task, model_kind(base))
+        torch.manual_seed(cfg.seed)  # a head the checkpoint lacks starts as a training run's would
+        model, tokenizer = load_model_and_tokenizer(
+            base, task.num_labels, dtype=getattr(torch, cfg.dtype), device=resolve_device(cfg.device), head=head_name
+        )
+    except ModelError as exc:
+        raise (ModelError(f"{adapter} is a PEFT adapter on {base}: {exc}") if adapter else exc) from None
+    if adapter:
+        model = load_saved_adapter(model, adapter)
     model.eval()
     extra = {"max_new_tokens": cfg.max_new_tokens} if head_name == "causal-generation" else {}
     head = build_head(head_name, task, **extra)

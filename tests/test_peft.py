@@ -317,7 +317,18 @@ def header(out: Path) -> dict:
     return json.loads((out / "ledger.jsonl").read_text().splitlines()[0])
 
 
-def test_cli_lora_saves_the_adapter_that_peft_loads_replays_and_merges(assets, tmp_path):
+def evaluated(assets, model: Path, capsys) -> dict:
+    """``python -m dpzo_engine.evaluate --model MODEL`` on the run's data: its JSON line."""
+    from dpzo_engine.evaluate import main as evaluate_main
+
+    _, data_dir = assets
+    capsys.readouterr()
+    args = ["--model", str(model), "--task", "local", "--data-dir", str(data_dir), "--max-length", "16"]
+    assert evaluate_main([*args, "--eval-batch-size", "32"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_lora_saves_the_adapter_that_peft_loads_replays_and_merges(assets, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -353,6 +364,9 @@ def test_cli_lora_saves_the_adapter_that_peft_loads_replays_and_merges(assets, t
     for model in (loaded, merged):
         with torch.no_grad():
             assert evaluate(model, SequenceClassificationHead(), test, tok, 32, 16)["accuracy"] == final
+    for saved in (out / "model", out / "model-merged"):  # evaluation only, on the adapter or the merged model
+        result = evaluated(assets, saved, capsys)
+        assert result["accuracy"] == final and result["loss"] == pytest.approx(summary["final_test"]["loss"])
 
 
 def loaded_tokenizer(path: Path):
@@ -361,7 +375,7 @@ def loaded_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def test_cli_prefix_replays_bit_for_bit_without_the_cache(assets, tmp_path):
+def test_cli_prefix_replays_bit_for_bit_without_the_cache(assets, tmp_path, capsys):
     from dpzo_engine.replay import main as replay_main
 
     out = tmp_path / "run"
@@ -371,6 +385,9 @@ def test_cli_prefix_replays_bit_for_bit_without_the_cache(assets, tmp_path):
     a = load_file(out / "model" / "adapter_model.safetensors")
     b = load_file(tmp_path / "replayed" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = json.loads((out / "summary.json").read_text())["final_test"]
+    result = evaluated(assets, out / "model", capsys)  # the virtual tokens are used: the run's scores
+    assert result["accuracy"] == final["accuracy"] and result["loss"] == pytest.approx(final["loss"])
 
 
 def test_cli_lora_resume_matches_uninterrupted(assets, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ the attention of every block (``Adapter.cached_blocks`` is then 0).
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ TASK_TYPES = {
     "causal-generation": "CAUSAL_LM",
     "mlm-prompt": None,
 }
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: what marks a saved adapter directory
 PREFIX_TASK_TYPE = "FEATURE_EXTRACTION"  # prompt learning needs a task type; for heads without one
 
 
@@ -301,6 +303,43 @@ def build_adapter(model: nn.Module, options: AdapterOptions, head: str, *, zerot
     if head not in TASK_TYPES:
         raise AdapterError(f"no adapter for loss head {head!r}")
     return Adapter(model, options, head)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A directory a ``--peft`` run saved (PEFT's ``adapter_config.json``), not a whole model."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_model(path: str | Path) -> str:
+    """The base model a saved adapter was trained on: ``base_model_name_or_path`` of its config."""
+    config_path = Path(path) / ADAPTER_CONFIG
+    try:
+        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise AdapterError(f"{config_path}: not a readable adapter config ({_first_line(exc)})") from None
+    if not base:
+        raise AdapterError(f"{config_path} names no base model (base_model_name_or_path)")
+    return str(base)
+
+
+def load_saved_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """``model``, the base loaded as the run loaded it, with the adapter saved at ``path`` (weights in
+    the base's dtype, as trained): returns the transformers model the loss heads call. LoRA lives in
+    its layers; prefix-tuning's virtual tokens come through ``PrefixInjector``'s hooks, as in training."""
+    import peft
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = peft.PeftModel.from_pretrained(model, str(path), autocast_adapter_dtype=False)
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise AdapterError(f"{path}: PEFT cannot load the adapter onto its base model: {_first_line(exc)}") from exc
+    peft_model.eval()
+    base = peft_model.get_base_model()
+    config = peft_model.peft_config["default"]
+    if config.is_prompt_learning:  # the hooks hold the PeftModel (its prompt encoder) for the model's life
+        PrefixInjector(peft_model, base, config.num_virtual_tokens)
+    return base
 
 
 def split_names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
