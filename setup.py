@@ -36,6 +36,6 @@ setup(
         "test": ["pytest", "ruff", "opacus>=1.5"],
     },
     entry_points={
-        "console_scripts": ["dpzo-train=dpzo_engine.train:main", "dpzo-privacy=dpzo_engine.privacy.__main__:main"]
+        "console_scripts": ["dpzo-train=dpzo_engine.train:console", "dpzo-privacy=dpzo_engine.privacy.__main__:main"]
     },
 )

@@ -62,12 +62,12 @@ def method_entry(cfg: TrainConfig):
     return Session, train
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m dpzo_engine.train") -> int:
     signals = Interrupts()
     with signals.installed():
         run = None
         try:
-            cfg = parse_args(argv)
+            cfg = parse_args(argv, prog)
             if cfg.steps == 0:  # evaluation only: no run directory, no privacy spent
                 from .evaluate import evaluate_only, print_metrics
 
@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                 run.release()
     session.print_summary(summary)
     return 0
+
+
+def console() -> int:
+    """The ``dpzo-train`` command (its --help and errors name it)."""
+    return main(prog="dpzo-train")
 
 
 def _interrupted(exc: KeyboardInterrupt, signals: Interrupts, cfg: TrainConfig | None, run: RunDir | None) -> str:

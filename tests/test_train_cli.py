@@ -250,3 +250,14 @@ def test_torn_last_log_line_is_dropped_and_corruption_elsewhere_is_reported(tmp_
     log.write_text(lines[0] + lines[2])  # a line lost
     with pytest.raises(ConfigError, match="line 2"):
         read_jsonl(log)
+
+
+def test_the_dpzo_train_command_names_itself(capsys, monkeypatch):
+    """``dpzo-train --help`` (setup.py's console script) shows ``dpzo-train``, not ``python -m``."""
+    from dpzo_engine.train import console
+
+    monkeypatch.setattr(sys, "argv", ["dpzo-train", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        console()
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: dpzo-train ")
