@@ -30,7 +30,7 @@ train: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q --durations=25 $(ARGS)
 
 # Build the wheel, install it into a fresh virtualenv and run the entry points from there (.ci/wheel-check).
 wheel-check: $(STAMP)
