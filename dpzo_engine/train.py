@@ -4,6 +4,8 @@ With no arguments it runs the embedded default (MiniLM-L6 on real tweet sentimen
 DP-AggZO at ε = 2, δ = 1e-5).  The loop below is the whole algorithm of
 docs/design.md section 5, driven through the Python API (``PrivateZO``: sample, step, ε); set-up
 lives in ``run/session.py``, privacy in ``privacy/``, the step in ``zo/``, kernels in ``ops``.
+Under ``torchrun`` every rank runs this same loop (``run/distributed.py``, docs/distributed.md):
+rank 0 samples, releases and writes; the others forward their share and check their replica.
 """
 
 from __future__ import annotations
@@ -19,36 +21,42 @@ if __name__ == "__main__":  # Ctrl-C while torch and transformers import (second
     quiet_until_main()
 
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
-from .core.errors import UserError, report
+from .core.errors import UserError
 from .core.interrupts import Interrupted, Interrupts, exit_code
+from .run import distributed
 from .run.config import FIRST_ORDER_METHODS, TrainConfig, parse_args
 from .run.run_dir import RunDir
 from .run.session import Session
+from .zo.parallel import Comm
 
 
 def train(cfg: TrainConfig, run: RunDir, s: Session, signals: Interrupts | None = None) -> dict:
-    bar = tqdm(range(s.start_step, cfg.steps), initial=s.start_step, total=cfg.steps, desc="train", unit="step")
+    bar = tqdm(range(s.start_step, cfg.steps), initial=s.start_step, total=cfg.steps, desc="train", unit="step",
+               disable=not s.comm.is_root)  # fmt: skip
     zo, stop = s.zo, signals or Interrupts()
     t0 = time.time()
     with stop.deferred():  # Ctrl-C / SIGTERM: finish this step, checkpoint, exit (core/interrupts.py)
         for step in bar:
-            idx = zo.sample()  # Poisson batch from the secret generator
+            idx = zo.sample()  # Poisson batch from the secret generator (rank 0); this rank's share of it
             rec = zo.step(s.loss_fn(idx), forwards=s.forwards())  # estimate, clip + noise, update; guarded
             eps = zo.epsilon()
             s.log_release(run, rec, eps)  # the ledger: (stage row,) seeds, released vector, ε
-            s.loss_meter.update(rec.loss, rec.released)
+            s.loss_meter.update(rec.loss, rec.released, rec.loss_count)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
+                s.comm.check_replicas(done, s.flat.buffers)  # every rank's θ must still equal rank 0's
                 s.log_progress(run, bar, done, eps, time.time() - t0)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 run.log_metrics({"step": done, "split": "dev", **s.evaluate("dev")})
-            if (done % cfg.save_every == 0 and done < cfg.steps) or stop.requested:
+            stopping = s.comm.any_rank(stop.requested)  # every rank stops at the same step
+            if (done % cfg.save_every == 0 and done < cfg.steps) or stopping:
                 s.save_checkpoint(run, done)
-            if stop.requested:
-                raise Interrupted(stop.signum, done)
+            if stopping:
+                raise Interrupted(stop.signum or signal.SIGTERM, done)
     bar.close()
     return s.finalize(run, time.time() - t0)
 
@@ -62,36 +70,59 @@ def method_entry(cfg: TrainConfig):
     return Session, train
 
 
+def output_dir(cfg: TrainConfig, comm: Comm) -> RunDir | distributed.ReplicaRun:
+    """Rank 0's ``RunDir`` (it alone reads and writes the directory); a ``ReplicaRun`` elsewhere."""
+    return RunDir(cfg.output_dir) if comm.is_root else distributed.ReplicaRun(cfg.output_dir)
+
+
+def open_run(cfg: TrainConfig, comm: Comm, run: RunDir | distributed.ReplicaRun) -> tuple[Session, Callable]:
+    """The run's lock and checks (rank 0), the session and its loop, with set-up errors agreed between
+    the ranks (one line from rank 0, exit 2 everywhere)."""
+
+    def claim() -> bool | None:  # rank 0 alone takes the lock: one writer per directory, whatever the ranks
+        if not comm.is_root:
+            return None
+        run.check_output_dir(cfg.resume)  # before anything loads or is written
+        run.acquire()
+        return run.check_start(cfg)  # a resume verifies every file first
+
+    resuming = distributed.from_root(comm, distributed.agree(comm, claim))
+    session_cls, loop = method_entry(cfg)
+    session = distributed.agree(comm, lambda: session_cls(cfg, run, resuming, comm))
+    session.open(run, resuming)
+    return session, loop
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m dpzo_engine.train") -> int:
     signals = Interrupts()
     with signals.installed():
-        run = None
+        comm = run = cfg = None
         try:
             cfg = parse_args(argv, prog)
-            if cfg.steps == 0:  # evaluation only: no run directory, no privacy spent
+            comm = distributed.start(cfg)  # torchrun's ranks, or one rank
+            if cfg.steps == 0:  # evaluation only: no run directory, no privacy spent (one rank)
                 from .evaluate import evaluate_only, print_metrics
 
                 print_metrics(evaluate_only(cfg))
                 return 0
-            run = RunDir(cfg.output_dir)
-            run.check_output_dir(cfg.resume)  # before anything loads or is written
-            run.acquire()  # the run's lock: one writer per directory
-            resuming = run.check_start(cfg)  # a resume verifies every file first
-            session_cls, loop = method_entry(cfg)
-            session = session_cls(cfg, run, resuming)
+            run = output_dir(cfg, comm)
+            session, loop = open_run(cfg, comm, run)
             summary = loop(cfg, run, session, signals)
         except UserError as exc:
-            return report(exc)
+            return distributed.report_error(exc, comm)  # rank 0 speaks for errors every rank met alike
         except OSError as exc:  # a full disk, a directory made read-only under us: the cause and the file
-            return report(_disk_error(exc, run))
+            return distributed.report_error(_disk_error(exc, run), comm)
         except KeyboardInterrupt as exc:
-            print(f"\n{_interrupted(exc, signals, cfg if run else None, run)}", file=sys.stderr)
+            if comm is None or comm.is_root:
+                print(f"\n{_interrupted(exc, signals, cfg, run)}", file=sys.stderr)
             return exit_code(signals.signum)
         finally:
             if run is not None:
                 run.abandon()  # set-up failed before anything was committed: leave nothing behind
                 run.release()
-    session.print_summary(summary)
+            distributed.finish(comm)
+    if comm.is_root:
+        session.print_summary(summary)
     return 0
 
 
@@ -103,7 +134,7 @@ def console() -> int:
 def _interrupted(exc: KeyboardInterrupt, signals: Interrupts, cfg: TrainConfig | None, run: RunDir | None) -> str:
     """The one line a signal ends with: what was kept and how to go on."""
     name = "Ctrl-C" if signals.signum in (None, signal.SIGINT) else signal.Signals(signals.signum).name
-    if cfg is None or run is None or not run.committed:
+    if cfg is None or not isinstance(run, RunDir) or not run.committed:
         return f"interrupted ({name}) during set-up; nothing was written"
     if cfg.method in FIRST_ORDER_METHODS:
         return f"interrupted ({name}); first-order runs cannot be resumed: start again in another --output-dir"

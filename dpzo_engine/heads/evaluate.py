@@ -24,18 +24,37 @@ def evaluate(
     progress: str | None = None,
 ) -> dict[str, float | int]:
     """Mean of each of ``head.metric_names`` (accuracy and loss; F1, exact match and loss for
-    generation) over ``examples``, plus ``n``. An empty list gives NaN metrics.
+    generation) over ``examples``, plus ``n``. An empty list gives NaN metrics."""
+    sums, n = metric_sums(model, head, examples, tokenizer, batch_size, max_length, progress=progress)
+    return {**{name: (total / n if n else math.nan) for name, total in sums.items()}, "n": n}
 
-    Examples are batched by length (metrics do not depend on batch composition, so this only
-    saves padding). ``progress`` names a progress bar on stderr (examples done, rate, ETA): an
-    evaluation of a large model or a generation task takes minutes; None shows none.
+
+def metric_sums(
+    model: nn.Module,
+    head: LossHead,
+    examples: Sequence[Example],
+    tokenizer: Any,
+    batch_size: int = 64,
+    max_length: int = 128,
+    part: tuple[int, int] = (0, 1),
+    progress: str | None = None,
+) -> tuple[dict[str, float], int]:
+    """Sums of each of ``head.metric_names`` over ``examples`` and how many were evaluated.
+
+    ``part = (i, m)`` evaluates only the i-th of m interleaved parts (scale-out: each rank one part,
+    the sums then added), so every part gets examples of every length. Examples are batched by
+    length (metrics do not depend on batch composition, so this only saves padding). ``progress``
+    names a progress bar on stderr (examples done, rate, ETA): an evaluation of a large model or a
+    generation task takes minutes; None shows none.
     """
-    if not examples:
-        return {**dict.fromkeys(head.metric_names, math.nan), "n": 0}
+    index, parts = part
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].text) + len(examples[i].text_pair or ""))
+    order = order[index::parts]
+    sums = dict.fromkeys(head.metric_names, 0.0)
+    if not order:
+        return sums, 0
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].text) + len(examples[i].text_pair or ""))
-    sums = dict.fromkeys(head.metric_names, 0.0)
     # leave=None: the bar stays when it is the only one, and vanishes when nested under the training bar
     bar = tqdm(total=len(order), desc=progress, unit="ex", leave=None, disable=progress is None)
     try:
@@ -49,5 +68,4 @@ def evaluate(
     finally:
         bar.close()
         model.train(was_training)
-    n = len(examples)
-    return {**{name: total / n for name, total in sums.items()}, "n": n}
+    return sums, len(order)

@@ -60,8 +60,8 @@ class PrivacyPlan:
     num_examples: int  # the true n: private when ``released_count`` is set, never logged then
     sample_rate: float
     noise_multiplier: float
-    generator: SecretGenerator
-    sampler: PoissonSampler
+    generator: SecretGenerator | None  # None on the ranks that hold no secret (``replica``)
+    sampler: PoissonSampler | None
     accountant: PrivacyAccountant | StepCounter
     released_count: int | None = None  # ñ = max(1, n + discrete Laplace(1/ε_c)) when n is private
     count_epsilon: float = 0.0
@@ -147,6 +147,18 @@ class PrivacyPlan:
         n = self.released_count if self.released_count is not None else self.num_examples
         return self.sample_rate * n
 
+    @classmethod
+    def replica(cls, private: bool, num_examples: int, sample_rate: float) -> PrivacyPlan:
+        """The plan of a rank that holds no secret (scale-out: every rank but 0). It cannot sample,
+        add noise or report ε: rank 0 does those and broadcasts the batch and the release. Rank 0's
+        public facts (σ, q, ñ) are copied in with ``adopt``."""
+        return cls(private, num_examples, sample_rate, math.nan, None, None, StepCounter())
+
+    def adopt(self, facts: dict) -> None:
+        """Take rank 0's public facts (``public_facts``): a replica's plan then describes the same run."""
+        self.noise_multiplier, self.sample_rate = facts["noise_multiplier"], facts["sample_rate"]
+        self.sample_rate_source, self.released_count = facts["sample_rate_source"], facts["released_count"]
+
     @property
     def releases(self) -> int:
         """Releases made so far (the accountant's count); also the next sampling/noise address."""
@@ -157,7 +169,8 @@ class PrivacyPlan:
         if releases < self.accountant.steps:
             raise PrivacyError(f"cannot go back from {self.accountant.steps} releases to {releases}")
         self.accountant.step(releases - self.accountant.steps)
-        self.sampler.seek(releases)
+        if self.sampler is not None:
+            self.sampler.seek(releases)
 
     def epsilon(self) -> float | None:
         """ε spent so far; None when the run is not private (a non-private method, or a debug seed)."""
@@ -196,7 +209,8 @@ class PrivacyPlan:
         self.accountant.load_state_dict(state["accountant"])
         if state["released_count"] != self.released_count:
             raise PrivacyError("the checkpoint's released count differs from this run's: a different run")
-        self.sampler.seek(self.accountant.steps)
+        if self.sampler is not None:
+            self.sampler.seek(self.accountant.steps)
 
     def secret_state(self) -> dict:
         """SECRET: the key of the sampling and noise generator. Store it apart, mode 600. A debug

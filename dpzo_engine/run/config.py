@@ -43,6 +43,7 @@ from ..models.adapters import PEFT_KINDS, AdapterOptions, check_options, split_n
 from ..models.step_forward import COMPILE_CHOICES, GPU_BATCH_MULTIPLE
 from ..zo import pruning
 from ..zo.guard import DEFAULT_MAX_GROWTH
+from ..zo.parallel import PARALLEL_MODES
 from ..zo.private_zo import ZOOptions
 from ..zo.stagewise import StageOptions
 from . import options, reporting
@@ -83,6 +84,7 @@ GROUPS = {  # argument groups of --help and the README, in this order
     "stagewise": "stagewise schedule and pruning (dp-zoso, dp-zopo)",
     "first_order": "first-order baselines (dp-adamw, adamw)",
     "bookkeeping": "evaluation, logging and output",
+    "scale_out": "scale-out (under torchrun; docs/distributed.md)",
 }
 
 
@@ -408,6 +410,29 @@ class TrainConfig:
         choices=reporting.REPORT_TO,
         identity=False,
     )
+    # ---------------------------------------------------------------- scale-out (none of it changes the result)
+    parallel: str | None = option(
+        None,
+        "how the ranks of a torchrun job split each step's forwards: by data, by directions, or 2d (both); "
+        "the ledger and the model do not depend on it",
+        group="scale_out",
+        choices=PARALLEL_MODES,
+        shown="one rank",
+        identity=False,
+    )
+    direction_ranks: int | None = option(
+        None,
+        "--parallel 2d: ranks that split the K directions (world size / R ranks split the data)",
+        group="scale_out",
+        identity=False,
+        metavar="R",
+    )
+    collective_timeout: float = option(
+        600.0,
+        "seconds a rank waits in a collective for a dead or stuck peer before the job fails",
+        group="scale_out",
+        identity=False,
+    )
 
     @property
     def private(self) -> bool:
@@ -535,6 +560,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_stagewise(cfg)
     _validate_device(cfg.device)
     reporting.require(cfg.report_to)
+    if cfg.direction_ranks is not None and cfg.direction_ranks < 1:
+        raise ConfigError(f"--direction-ranks must be a positive integer, got {cfg.direction_ranks!r}")
+    _finite_positive("collective-timeout", cfg.collective_timeout)  # fit to the world size and K: Layout.make
     return cfg
 
 

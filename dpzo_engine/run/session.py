@@ -20,18 +20,21 @@ from .. import privacy
 from ..core.errors import ConfigError, TrainingDiverged
 from ..core.flat import FlatParams
 from ..data import get_task
-from ..heads import build_head, count_at_length, evaluate, resolve_head
+from ..heads import build_head, count_at_length, resolve_head
+from ..heads.evaluate import metric_sums
 from ..models.adapters import Adapter, build_adapter
 from ..models.loading import kind_of_config, load_model_and_tokenizer, max_positions, model_config, select_trainable
 from ..models.prefix_cache import cached_prefix, frozen_prefix_length
 from ..models.step_forward import GPU_BATCH_MULTIPLE, StepForward
 from ..zo.engine import PassCounter
 from ..zo.guard import rms
+from ..zo.parallel import Comm, CommStats
 from ..zo.private_zo import PrivateZO
 from ..zo.rules import Released
 from ..zo.step import StepRecord, check_stage_event
 from . import preflight
 from .config import FIRST_ORDER_METHODS, TrainConfig
+from .distributed import from_root
 from .ledger import Ledger, void_for_torn_row
 from .model_card import label_model_config, write_model_card
 from .reporting import TensorBoardLog
@@ -98,37 +101,50 @@ def build_model(cfg: TrainConfig, num_labels: int, head: str = "sequence-classif
 
 @dataclass
 class LossMeter:
-    """Running means between log steps (local diagnostics: not differentially private)."""
+    """Running means between log steps (local diagnostics: not differentially private).
 
-    losses: list[float] = field(default_factory=list)
+    Losses are kept per step as (sum, count) over this rank's forwards, so that a job spread
+    over ranks averages them over every forward of the step (``flush``'s ``reduce``); the
+    clipping diagnostics are already the whole batch's on every rank."""
+
+    losses: list[tuple[float, int]] = field(default_factory=list)
     clipped: list[float] = field(default_factory=list)
     clip_errors: list[float] = field(default_factory=list)
     nonfinite: int = 0
     empty_batches: int = 0
 
-    def update(self, loss: float | None, released: Released) -> None:
-        if loss is None:
+    def update(self, loss: float | None, released: Released, count: int = 1) -> None:
+        """``loss``: the mean over ``count`` per-example losses here; None when no forward ran here."""
+        if loss is None and released.batch_size == 0:
             self.empty_batches += 1
         else:
-            self.losses.append(loss)
+            self.losses.append((loss * count, count) if loss is not None and count else (0.0, 0))
             self.clipped.append(released.fraction_clipped)
             self.clip_errors.append(released.relative_clip_error)
         self.nonfinite += released.nonfinite_rows
 
-    def flush(self, step: int, eps: float | None, counter: PassCounter, elapsed: float, numel: int) -> dict:
+    def flush(
+        self, step: int, eps: float | None, counter: PassCounter, elapsed: float, numel: int, reduce=None
+    ) -> dict:
+        """The row of a log step. ``reduce`` sums a tensor over the ranks (forwards, loss sums)."""
+
         def mean(xs: list[float]) -> float:
             return sum(xs) / len(xs) if xs else float("nan")
 
+        sums = torch.tensor([[float(counter.forwards), 0.0], *self.losses], dtype=torch.float64).reshape(-1, 2)
+        if reduce is not None:
+            sums = reduce(sums)
+        per_step = [float(t / c) if c else float("nan") for t, c in sums[1:].tolist()]
         row = {
             "step": step,
-            "loss": mean(self.losses),
+            "loss": mean(per_step),
             "fraction_clipped": mean(self.clipped),
             "relative_clip_error": mean(self.clip_errors),
             "nonfinite_rows": self.nonfinite,
             "empty_batches": self.empty_batches,
             "epsilon": eps,
             "passes": counter.passes,
-            "forwards": counter.forwards,
+            "forwards": int(sums[0, 0]),
             "direction_values": counter.direction_values,
             # RNG work: direction values generated per trainable weight per step (4K - 1 central, 3K - 1 forward)
             "direction_values_per_weight_step": counter.direction_values / (numel * step) if step and numel else None,
@@ -139,18 +155,26 @@ class LossMeter:
 
 
 class Session:
-    """A run's state: data, model, head, the privacy plan and the trainer (``PrivateZO`` for ZO methods)."""
+    """A run's state: data, model, head, the privacy plan and the trainer (``PrivateZO`` for ZO methods).
 
-    def __init__(self, cfg: TrainConfig, run: RunDir, resuming: bool):
+    Made in two halves so that a job spread over ranks can agree on set-up errors before any
+    collective: ``__init__`` does what is local to a rank (data, model, plan; rank 0 reads the
+    ledger and the checkpoint), ``open`` what the ranks do together (check the replicas, resume
+    or evaluate the untrained model, write the header). ``comm``: this rank's place (default: one
+    rank). Rank 0 alone holds the secret generator and writes the output directory."""
+
+    def __init__(self, cfg: TrainConfig, run: RunDir, resuming: bool, comm: Comm | None = None):
         """``resuming``: the run in ``run`` has begun releasing; continue it from its ledger."""
         self.cfg = cfg
+        self.comm = comm if comm is not None else Comm()
+        root = self.comm.is_root
         self.task = load_task(cfg)
         config = model_config(cfg.model)  # the model's config.json only: checks before its weights load
         self.head_name = resolve_head(cfg.head, self.task, kind_of_config(config))  # auto: task + model decide
         n = len(self.task.train)
         if cfg.sample_rate is None and cfg.batch_size > n and not cfg.count_share:
             raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
-        self.ledger: Ledger | None = run.state.ledger if resuming else None  # verified (integrity.py), unedited
+        self.ledger: Ledger | None = run.state.ledger if resuming and root else None  # verified (integrity.py)
         self.max_length = cfg.max_length or self.task.max_length
         self._check_positions(config)
         built = build_model(cfg, self.task.num_labels, self.head_name)
@@ -175,8 +199,33 @@ class Session:
         if self.step_forward.cuda_graphs:  # one recording per shape: lengths in steps of 8 as well
             extra["pad_to_multiple_of"] = GPU_BATCH_MULTIPLE
         self.head = build_head(self.head_name, self.task, **extra)
-        self._note_truncation()
-        self.plan = privacy.PrivacyPlan.create(
+        if root:
+            self._note_truncation()
+        self.plan = self._plan(run, n)
+        if root:
+            self._check_against_ledger()
+            for line in self.plan.notes:
+                print(f"note: {line}", file=sys.stderr)
+        self.sample_rate = self.plan.sample_rate
+        self.sigma, self.accountant, self.sampler = self.plan.noise_multiplier, self.plan.accountant, self.plan.sampler
+        self.engine = self._build_engine()  # refuses a λ whose restore would lose the weights (zo.guard)
+        self.loss_meter = LossMeter()
+        self.start_step = 0
+        self.logged_stages: set[int] = set()  # stage rows already in the ledger (a resume re-enters their stage)
+        self._checkpoint: dict | None = None  # rank 0's checkpoint state, checked before any edit (a resume)
+        if root:
+            self._checkpoint = self._load_resume_state(run) if resuming else None
+            done = self.ledger.last_step if resuming else 0
+            run.check_free_space(self._space_needed(cfg.steps - done))
+        self._comm_mark, self._wall_mark = CommStats(), 0.0  # collectives counted from the last log step
+
+    def _plan(self, run: RunDir, n: int) -> privacy.PrivacyPlan:
+        """The privacy plan; rank 0 alone holds the secret generator (and calibrates σ, and accounts)."""
+        cfg = self.cfg
+        if not self.comm.is_root:
+            q = cfg.sample_rate if cfg.sample_rate is not None else min(1.0, cfg.batch_size / n)
+            return privacy.PrivacyPlan.replica(cfg.private, n, q)  # rank 0's facts arrive in ``open``
+        return privacy.PrivacyPlan.create(
             n,
             steps=cfg.steps,
             sample_rate=cfg.sample_rate,
@@ -188,28 +237,28 @@ class Session:
             generator=self._secret_generator(run),
             **self._fixed_by_ledger(),
         )
-        self._check_against_ledger()
-        for line in self.plan.notes:
-            print(f"note: {line}", file=sys.stderr)
-        self.sample_rate = self.plan.sample_rate
-        self.sigma, self.accountant, self.sampler = self.plan.noise_multiplier, self.plan.accountant, self.plan.sampler
-        self.engine = self._build_engine()  # refuses a λ whose restore would lose the weights (zo.guard)
-        self.loss_meter = LossMeter()
-        self.start_step = 0
-        self.logged_stages: set[int] = set()  # stage rows already in the ledger (a resume re-enters their stage)
-        state = self._load_resume_state(run) if resuming else None  # every check passes before any edit
-        done = self.ledger.last_step if resuming else 0
-        run.check_free_space(self._space_needed(cfg.steps - done))
+
+    def open(self, run: RunDir, resuming: bool) -> None:
+        """What the ranks do together before the first step: the same starting weights everywhere,
+        rank 0's public privacy facts, then resume from rank 0's ledger and checkpoint, or commit the
+        fresh run (rank 0: key, header, metrics, config.json) and evaluate the untrained model."""
+        comm = self.comm
+        comm.check_replicas(0, self.model.state_dict().values(), what="starting weights (--model, --seed)")
+        facts = from_root(comm, self.plan.public_facts() if comm.is_root else None)
+        if not comm.is_root:
+            self.plan.adopt(facts)
+            self.sample_rate = self.plan.sample_rate
         if resuming:
-            self._resume(run, state)
-        else:
+            self._resume(run)
+        elif comm.is_root:
             if not self.plan.reproducible:
                 run.save_secret(self.plan.generator)  # before the first release (the header's count)
-            run.start(cfg, self._ledger_header())  # header, metrics, then config.json: the run exists
-        self.tensorboard = self._attach_tensorboard(run, resuming)
+            run.start(self.cfg, self._ledger_header())  # header, metrics, then config.json: the run exists
+        self.tensorboard = self._attach_tensorboard(run, resuming) if comm.is_root else None
         if not resuming:
             self.untrained = self.evaluate("test", "eval test (untrained)")
             run.log_metrics({"step": 0, "split": "test", **self.untrained})
+        self._comm_mark = CommStats(**vars(comm.stats))  # set-up collectives are not the steps'
 
     def _check_positions(self, config) -> None:
         """--max-length (plus the decoded answer, for generation) fits the model's positions, found from its
@@ -222,11 +271,12 @@ class Session:
         what = f"--max-length {self.max_length}" + (f" + --max-new-tokens {extra}" if extra else "")
         if self.cfg.max_length is not None or limit - extra < 1:
             raise ConfigError(f"{what} exceeds the {limit} positions of model {self.cfg.model}")
-        print(
-            f"note: {what} (the task's default) exceeds the model's {limit} positions; using --max-length "
-            f"{limit - extra}",
-            file=sys.stderr,
-        )
+        if self.comm.is_root:
+            print(
+                f"note: {what} (the task's default) exceeds the model's {limit} positions; using --max-length "
+                f"{limit - extra}",
+                file=sys.stderr,
+            )
         self.max_length = limit - extra
 
     def _space_needed(self, steps_left: int) -> dict[str, int]:
@@ -291,7 +341,8 @@ class Session:
 
     def _build_engine(self):
         """What performs the steps: ``PrivateZO`` here (the Python API); first_order overrides it."""
-        self.zo = PrivateZO(self.model, self.plan, self.cfg.zo_options(), self.cfg.steps, flat=self.flat)
+        cfg = self.cfg
+        self.zo = PrivateZO(self.model, self.plan, cfg.zo_options(), cfg.steps, flat=self.flat, comm=self.comm)
         self.stages = self.zo.stages  # DP-ZOSO schedule, DP-ZOPO mask
         return self.zo.engine
 
@@ -311,7 +362,9 @@ class Session:
 
     def log_release(self, run: RunDir, rec: StepRecord, eps: float | None) -> None:
         """Append a step's public rows to the ledger: the stage it opens (unless a resume found it
-        there already), then the release."""
+        there already), then the release. Rank 0 alone writes the ledger."""
+        if not self.comm.is_root:
+            return
         if rec.stage_row is not None:
             if rec.stage_row["step"] in self.logged_stages:
                 check_stage_event(rec.stage_row, self.ledger.stages.get(rec.stage_row["step"]))
@@ -339,22 +392,33 @@ class Session:
         return cached_prefix(self.model, self.cached_blocks)
 
     def evaluate(self, split: str, progress: str | None = None) -> dict:
-        """The head's metrics on ``split`` (capped at --max-eval-examples), with a progress bar."""
+        """The head's metrics on ``split`` (capped at --max-eval-examples), with a progress bar (rank 0's):
+        each rank evaluates its part of the examples, the sums are reduced."""
         examples = getattr(self.task, split)
         if self.cfg.max_eval_examples is not None:
             examples = examples[: self.cfg.max_eval_examples]
+        part = (self.comm.layout.rank, self.comm.world_size)
         with torch.no_grad():
-            return evaluate(
-                self.model, self.head, examples, self.tokenizer, self.cfg.eval_batch_size, self.max_length,
-                progress=progress or f"eval {split}",
+            sums, n = metric_sums(
+                self.model, self.head, examples, self.tokenizer, self.cfg.eval_batch_size, self.max_length, part,
+                progress=(progress or f"eval {split}") if self.comm.is_root else None,
             )  # fmt: skip
+        totals = self.comm.all_reduce(torch.tensor([*sums.values(), n], dtype=torch.float64)).tolist()
+        n = int(totals[-1])
+        return {**{name: (t / n if n else float("nan")) for name, t in zip(sums, totals)}, "n": n}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, run: RunDir, step: int) -> None:
+        """Every rank calls it; rank 0 writes (the forwards counted are the whole job's)."""
+        zo_state = self.zo.state_dict()
+        passes, forwards, values = zo_state["counter"]
+        zo_state["counter"] = (passes, int(self.comm.all_reduce(torch.tensor([float(forwards)]))[0]), values)
+        if not self.comm.is_root:
+            return
         state = {
             "step": step,
             "buffers": [b.detach().cpu().clone() for b in self.flat.buffers],
-            "zo": self.zo.state_dict(),
+            "zo": zo_state,
             "untrained": self.untrained,
         }
         run.save_checkpoint(step, state)
@@ -387,22 +451,35 @@ class Session:
             raise ConfigError(f"{path} holds step {step}, its manifest says {run.state.checkpoint.step}")
         return state
 
-    def _resume(self, run: RunDir, state: dict | None) -> None:
+    def _resume(self, run: RunDir) -> None:
         """Continue from the ledger: the last checkpoint (or the base model), then every released
         step past it re-applied from its ledger row (no data, no forward), then new steps at the
         next secret address. Nothing released is ever computed again. The directory is edited only
-        once all of it has succeeded in memory (``run.continue_from``)."""
-        ledger = self.ledger
-        if state is not None:
-            self.flat.load_buffers([b.to(self.device) for b in state["buffers"]])
-            self.zo.load_state_dict(state["zo"])
-            self.untrained = state["untrained"]
-        else:
-            self.untrained = self._untrained_from_metrics(run)
-        void = void_for_torn_row(ledger)  # a row cut by the kill after it began to release: counted
-        replayed = self.zo.resume(ledger.steps, ledger.stages, ledger.releases)
-        self.logged_stages = set(ledger.stages)
+        once all of it has succeeded in memory on every rank (``run.continue_from``).
+
+        Rank 0 reads the ledger and the checkpoint and broadcasts what is public (the rows, the
+        parameters, the step); the secret key stays on rank 0. So a run resumes on any number of ranks."""
+        comm, state = self.comm, self._checkpoint
+        void = None
+        if comm.is_root:
+            if state is not None:
+                self.flat.load_buffers([b.to(self.device) for b in state["buffers"]])
+            void = void_for_torn_row(self.ledger)  # a row cut by the kill after it began to release: counted
+        public = from_root(comm, self._public_resume_state(run) if comm.is_root else None)
+        comm.broadcast_(self.flat.buffers)
+        if public["zo"] is not None:
+            self.zo.load_state_dict(public["zo"])
+            if not comm.is_root:
+                self.engine.counter.forwards = 0  # rank 0's counter holds the job's forwards so far
+        untrained = public["untrained"]
+        self.untrained = untrained if untrained is not None else self.evaluate("test", "eval test (untrained)")
+        replayed = self.zo.resume(public["steps"], public["stages"], public["releases"])
+        self.logged_stages = set(public["stages"])
         self.start_step = self.zo.steps_done
+        self._checkpoint = None
+        comm.check_replicas(self.start_step, self.flat.buffers, what="resumed parameters")
+        if not comm.is_root:
+            return
         metrics = run.state.metrics.rows
         keep = next((i for i, row in enumerate(metrics) if row["step"] > self.start_step), len(metrics))
         run.continue_from(keep, [void] if void is not None else [])  # the first edit of the directory
@@ -410,25 +487,41 @@ class Session:
         if void is not None:
             print(f"note: the ledger's last row (step {void['step']}) was cut by the kill: {void['reason']}",
                   file=sys.stderr)  # fmt: skip
+        start = f"checkpoint at step {state['step']}" if state else "no checkpoint: from the base model"
         print(
             f"resuming {run.path} at step {self.start_step}: {replayed} released steps re-applied from the ledger "
-            f"({'checkpoint at step ' + str(state['step']) if state else 'no checkpoint: from the base model'})",
+            f"({start})",
             file=sys.stderr,
         )
 
-    def _untrained_from_metrics(self, run: RunDir) -> dict:
-        """The base model's test scores, as logged before step 1 (evaluated again if that line is gone)."""
+    def _public_resume_state(self, run: RunDir) -> dict:
+        """What every rank needs to resume (rank 0 reads it): public rows and state, no secret."""
+        state, ledger = self._checkpoint, self.ledger
+        return {
+            "zo": state["zo"] if state is not None else None,
+            "untrained": state["untrained"] if state is not None else self._untrained_from_metrics(run),
+            "steps": ledger.steps,
+            "stages": ledger.stages,
+            "releases": ledger.releases,
+        }
+
+    def _untrained_from_metrics(self, run: RunDir) -> dict | None:
+        """The base model's test scores, as logged before step 1 (None if that line is gone: evaluate again)."""
         for row in run.state.metrics.rows:
             if row.get("step") == 0 and row.get("split") == "test":
                 return {k: v for k, v in row.items() if k not in ("step", "split")}
-        return self.evaluate("test", "eval test (untrained)")
+        return None
 
     # ------------------------------------------------------------------ finish
     def finalize(self, run: RunDir, elapsed: float) -> dict:
+        """Every rank evaluates its part; rank 0 writes the model, its card and the summary."""
         if not math.isfinite(rms(self.flat)):  # the last line of defence: never save a non-finite model
             raise TrainingDiverged("the trained weights are not finite; the model was not saved")
         final = self.evaluate("test")
         run.log_metrics({"step": self.cfg.steps, "split": "test", **final})
+        forwards = int(self.comm.all_reduce(torch.tensor([float(self.engine.counter.forwards)]))[0])
+        if not self.comm.is_root:
+            return {}
         label_model_config(self.model.config, self.task, self.head)
         record = self.privacy_record(run)
         saved = self.save(run, record, final)
@@ -451,13 +544,15 @@ class Session:
             "released_count": self.plan.released_count,
             "releases": self.plan.releases,
             "passes": self.engine.counter.passes,
-            "forwards": self.engine.counter.forwards,
+            "forwards": forwards,
             "direction_values_per_weight_step": self.engine.counter.direction_values
             / (self.flat.numel * self.cfg.steps),
             **self._forward_summary(),
             "train_seconds": round(elapsed, 2),
             "output_dir": str(run.path),
             "saved": saved,
+            "layout": self.comm.layout.describe(),
+            **self._comm_totals(),
             **self.stages.summary(),
         }
         run.write_summary(summary)
@@ -510,8 +605,12 @@ class Session:
         return saved
 
     def log_progress(self, run: RunDir, bar, done: int, eps: float | None, elapsed: float) -> dict:
-        """Flush the running means into metrics.jsonl and the progress bar (loss, ε, fraction clipped)."""
-        row = self._metrics_row(self.loss_meter.flush(done, eps, self.engine.counter, elapsed, self.flat.numel))
+        """Flush the running means into metrics.jsonl and the progress bar (loss, ε, fraction clipped);
+        on several ranks also the layout, the bytes sent per step and the time spent in collectives."""
+        steps = len(self.loss_meter.losses) + self.loss_meter.empty_batches
+        flushed = self.loss_meter.flush(done, eps, self.engine.counter, elapsed, self.flat.numel, self.comm.all_reduce)
+        row = self._metrics_row(flushed)
+        row.update(self._comm_row(steps, elapsed))
         run.log_metrics(row)
         bar.set_postfix(
             loss=f"{row['loss']:.4f}",
@@ -533,6 +632,25 @@ class Session:
             "forward_first_call_s": round(f.stats.first_call_s, 2),
             "padded_rows": f.stats.padded_rows,
         }
+
+    def _comm_row(self, steps: int, elapsed: float) -> dict:
+        """Collectives since the last log step (rank 0's view): bytes per step, seconds, share of the wall time."""
+        if self.comm.world_size == 1:
+            return {}
+        spent = self.comm.stats.minus(self._comm_mark)
+        wall = elapsed - self._wall_mark
+        self._comm_mark, self._wall_mark = CommStats(**vars(self.comm.stats)), elapsed
+        return {
+            "layout": self.comm.layout.describe(),
+            "comm_bytes_per_step": round(spent.bytes / max(steps, 1)),
+            "comm_calls_per_step": round(spent.calls / max(steps, 1), 2),
+            "comm_seconds": round(spent.seconds, 4),
+            "comm_share": round(spent.seconds / wall, 4) if wall > 0 else None,
+        }
+
+    def _comm_totals(self) -> dict:
+        stats = self.comm.stats
+        return {"comm_bytes": stats.bytes, "comm_seconds": round(stats.seconds, 3)} if self.comm.world_size > 1 else {}
 
     def print_summary(self, summary: dict) -> None:
         metric = summary.get("metric", "accuracy")

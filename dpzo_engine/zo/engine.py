@@ -58,7 +58,8 @@ class ZOEngine:
         self.difference = difference
         self.masks = masks if masks is not None else [None] * len(flat.buffers)
         self.counter = PassCounter()
-        self.last_loss: float | None = None  # mean finite per-example loss over the last step's forwards
+        self.last_losses: tuple[float, int] = (0.0, 0)  # (sum, count): finite per-example losses, last step, here
+        self._no_forward = True
 
     def apply(self, seeds: list[int], coefs: list[float], rounding: str = "nearest", rounding_seed: int = 0) -> None:
         """One fused pass over every buffer: θ <- round(θ + Σ_j coefs[j] z_j).
@@ -87,56 +88,85 @@ class ZOEngine:
                 )
         self.counter.passes += sweeps
 
-    def estimate(self, loss_fn: Callable[[], torch.Tensor] | None, seeds: list[int], zo_eps: float) -> torch.Tensor:
+    def estimate(
+        self,
+        loss_fn: Callable[[], torch.Tensor] | None,
+        seeds: list[int],
+        zo_eps: float,
+        forward_for: range | None = None,
+    ) -> torch.Tensor:
         """Per-example directional derivatives D [B, K]; θ is left perturbed along the last
         direction (``finish`` restores it while applying the update).
 
         ``loss_fn`` returns per-example losses [B] at the current θ; ``None`` means an
         empty batch: the same passes run (the pass sequence must not depend on data),
-        no forward does, and D is [0, K].
+        no forward does, and D is [0, K]. ``forward_for``: the directions whose forwards run
+        here (scale-out: a rank's block); every pass still runs, so θ rounds as on one rank,
+        and D has only those columns. With forward differences the base forward counts as
+        direction 0's.
         """
-
+        mine = range(len(seeds)) if forward_for is None else forward_for
         seen: list[torch.Tensor] = []
 
-        def losses() -> torch.Tensor | None:
-            if loss_fn is None:
+        def losses(k: int) -> torch.Tensor | None:
+            if loss_fn is None or k not in mine:
                 return None
             self.counter.forwards += 1
             out = loss_fn().detach().to(torch.float32)
             seen.append(out)
             return out
 
-        columns: list[torch.Tensor | None] = []
+        columns: list[torch.Tensor] = []
         if self.difference == "central":
             prev = None
-            for s in seeds:
+            for k, s in enumerate(seeds):
                 if prev is None:
                     self.apply([s], [zo_eps])
                 else:
                     self.apply([prev, s], [zo_eps, zo_eps])  # restore previous and perturb: one pass
-                plus = losses()
+                plus = losses(k)
                 self.apply([s], [-2.0 * zo_eps])
-                minus = losses()
-                columns.append(None if plus is None else (plus - minus) / (2.0 * zo_eps))
+                minus = losses(k)
+                if plus is not None:
+                    columns.append((plus - minus) / (2.0 * zo_eps))
                 prev = s
         else:
-            base = losses()
+            base = None
+            if loss_fn is not None and len(mine):
+                base = losses(mine[0])
+                if 0 not in mine:  # the base forward is direction 0's: the loss diagnostics count it once
+                    seen.pop()
             prev = None
-            for s in seeds:
+            for k, s in enumerate(seeds):
                 if prev is None:
                     self.apply([s], [zo_eps])
                 else:
                     self.apply([prev, s], [-zo_eps, zo_eps])
-                moved = losses()
-                columns.append(None if moved is None else (moved - base) / zo_eps)
+                moved = losses(k)
+                if moved is not None:
+                    columns.append((moved - base) / zo_eps)
                 prev = s
-        if loss_fn is None:
-            self.last_loss = None
-            return torch.zeros(0, len(seeds), dtype=torch.float32, device=self.flat.device)
+        self.last_losses = self._loss_sum(seen)
+        self._no_forward = not seen
+        if loss_fn is None or not columns:
+            return torch.zeros(0, len(mine), dtype=torch.float32, device=self.flat.device)
+        return torch.stack(columns, dim=1)
+
+    @staticmethod
+    def _loss_sum(seen: list[torch.Tensor]) -> tuple[float, int]:
+        if not seen:
+            return 0.0, 0
         all_losses = torch.cat(seen)
         finite = all_losses[torch.isfinite(all_losses)]
-        self.last_loss = float(finite.mean()) if finite.numel() else float("nan")
-        return torch.stack(columns, dim=1)
+        return float(finite.double().sum()), int(finite.numel())
+
+    @property
+    def last_loss(self) -> float | None:
+        """Mean finite per-example loss over the last step's forwards here (None: no forward ran)."""
+        total, count = self.last_losses
+        if count == 0:
+            return None if self._no_forward else float("nan")
+        return total / count
 
     def finish(
         self,

@@ -27,6 +27,10 @@ Releases are made once. Release r (0-based) draws its batch and noise at address
 generator; ``resume`` re-applies released steps from their public ledger rows (``replay_step``: no
 data, no forward) and continues at the number of releases the ledger holds, so a released value
 is never recomputed, whatever the forward pass would give today.
+
+Spread over ranks (``comm``: a ``zo.parallel.Comm``), rank 0 alone holds the plan's secret
+generator: ``sample`` draws there and hands each rank its share of the batch, and the release
+comes from there. The other ranks hold ``PrivacyPlan.replica`` (no secret, no ε).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from ..privacy import GaussianMechanism
 from ..privacy.plan import PrivacyPlan
 from .engine import ZOEngine
 from .guard import DEFAULT_MAX_GROWTH, DivergenceGuard, check_perturbation_scale
+from .parallel import Comm
 from .rules import MeZORule, PrivateRule
 from .stagewise import StageOptions, build_stagewise
 from .step import LossFn, StepRecord, ZOStep, check_stage_event, replay_step
@@ -94,13 +99,23 @@ class PrivateZO:
     """Sample, step, account: one object per run (see the module docstring for the loop)."""
 
     def __init__(
-        self, model: nn.Module, plan: PrivacyPlan, options: ZOOptions, steps: int, flat: FlatParams | None = None
+        self,
+        model: nn.Module,
+        plan: PrivacyPlan,
+        options: ZOOptions,
+        steps: int,
+        flat: FlatParams | None = None,
+        comm: Comm | None = None,
     ):
-        """``flat``: the model's flat buffer if one was already made (parameters are views into it)."""
+        """``flat``: the model's flat buffer if one was already made (parameters are views into it).
+        ``comm``: this rank's place in a scale-out job (default: one rank)."""
         if options.method not in ZO_METHODS:
             raise ConfigError(f"method must be one of {', '.join(ZO_METHODS)}; got {options.method!r}")
         if options.private != plan.private:
             raise ConfigError(f"method {options.method} needs a {'private' if options.private else 'non-private'} plan")
+        self.comm = comm if comm is not None else Comm()
+        if self.comm.is_root != (plan.generator is not None):
+            raise ConfigError("rank 0, and only rank 0, holds the secret generator (PrivacyPlan.replica elsewhere)")
         self.flat = flat if flat is not None else FlatParams(model)
         if options.rounding == "auto":
             half = any(b.dtype in (torch.bfloat16, torch.float16) for b in self.flat.buffers)
@@ -115,7 +130,9 @@ class PrivateZO:
         )
         self.stages = build_stagewise(stage_opts, model, self.flat, self.engine)
         self.rule = self._rule()
-        self._step = ZOStep(self.engine, self.rule, self.stages, options.seed, options.num_directions, options.rounding)
+        self._step = ZOStep(
+            self.engine, self.rule, self.stages, options.seed, options.num_directions, options.rounding, self.comm
+        )
         self.steps_done = 0
         self._batch: list[int] | None = None  # drawn by sample(), released by the next step()
 
@@ -161,18 +178,23 @@ class PrivateZO:
         o = self.options
         if not o.private:
             return MeZORule()
+        if self.plan.generator is None:
+            return PrivateRule.replica(o.clip, o.clip_mode, backend=self.engine.backend)
         mech = GaussianMechanism(self.plan.noise_multiplier, o.clip, o.num_directions, o.clip_mode, self.plan.generator)
         return PrivateRule(mech, self.plan.normalizer, backend=self.engine.backend)
 
     # ------------------------------------------------------------------ the loop
     def sample(self) -> list[int]:
-        """The next Poisson batch's example indices, from the secret generator (may be empty).
+        """The next Poisson batch's example indices, from the secret generator (may be empty): this
+        rank's share of them when the step is spread over ranks (rank 0 draws and broadcasts).
         The next ``step()`` releases it; a private run cannot draw another before that. Both draw at
         the address of the next release."""
         if self._batch is not None and self.options.private:
             raise ConfigError("sample() called again before step(): every Poisson batch drawn must be released")
-        self.plan.sampler.seek(self.plan.releases)
-        self._batch = self.plan.sampler.sample().tolist()
+        self.comm.step = self.steps_done + 1
+        if self.comm.is_root:
+            self.plan.sampler.seek(self.plan.releases)
+        self._batch = self.comm.batch(self.plan.sampler.sample() if self.comm.is_root else None)
         return self._batch
 
     def batches(self) -> Iterator[list[int]]:
@@ -188,10 +210,12 @@ class PrivateZO:
     ) -> StepRecord:
         """One release: estimate along K directions, clip, noise, update; counted by the accountant.
 
-        ``loss_fn(*inputs)`` returns the per-example losses [B] of the batch ``sample()`` drew, at
-        the current parameters; it runs 2K times (K + 1 with forward differences), under
-        ``torch.no_grad``, and not at all for an empty batch. ``forwards``: a context manager
-        around the step's forwards (e.g. ``models.prefix_cache.cached_prefix``)."""
+        ``loss_fn(*inputs)`` returns the per-example losses [B] of the batch ``sample()`` drew (this
+        rank's share of it, spread over ranks), at the current parameters; it runs 2K times (K + 1
+        with forward differences; 2K/R on one of R direction ranks), under ``torch.no_grad``, and not
+        at all for an empty batch. ``forwards``: a context manager around the step's forwards (e.g.
+        ``models.prefix_cache.cached_prefix``). Raises TrainingDiverged when θ leaves the guard's
+        band (``zo.guard``): record nothing of that step."""
         batch = self._batch
         if batch is None and self.options.private:
             raise ConfigError(
@@ -202,8 +226,8 @@ class PrivateZO:
         empty = batch is not None and not batch
         checked = None if empty or loss_fn is None else _checked(loss_fn, inputs, batch)
         self._batch = None
-        if self.options.private:
-            self.rule.mechanism.seek(self.plan.releases)
+        if self._noise is not None:
+            self._noise.seek(self.plan.releases)
         record = self._step(self.steps_done, checked, forwards)
         self.guard.check(self.steps_done + 1, record.coefs, record.zo_eps)  # TrainingDiverged: record nothing
         self.plan.accountant.step()
@@ -227,8 +251,8 @@ class PrivateZO:
             self.steps_done += 1
             replayed += 1
         self.plan.seek(releases)
-        if self.options.private:
-            self.rule.mechanism.seek(releases)
+        if self._noise is not None:
+            self._noise.seek(releases)
         return replayed
 
     def epsilon(self) -> float | None:
@@ -252,8 +276,8 @@ class PrivateZO:
         counts = (*state["counter"], 0)[:3]  # checkpoints from before direction values were counted hold two
         self.engine.counter.passes, self.engine.counter.forwards, self.engine.counter.direction_values = counts
         self.stages.load_state_dict(state["stagewise"])
-        if self.options.private:
-            self.rule.mechanism.seek(self.plan.releases)
+        if self._noise is not None:
+            self._noise.seek(self.plan.releases)
 
     def secret_state(self) -> dict:
         """SECRET (the key of the sampling and noise generator): store apart from public outputs, mode 600."""
@@ -261,8 +285,13 @@ class PrivateZO:
 
     def load_secret_state(self, state: dict) -> None:
         self.plan.load_secret_state(state)
-        if self.options.private:
-            self.rule.mechanism.generator = self.plan.generator
+        if self._noise is not None:
+            self._noise.generator = self.plan.generator
+
+    @property
+    def _noise(self):
+        """The Gaussian mechanism, where this rank holds it (rank 0 of a private run); else None."""
+        return getattr(self.rule, "mechanism", None)
 
     def __repr__(self) -> str:
         o, plan = self.options, self.plan
@@ -289,11 +318,12 @@ class PrivateZO:
             "rounding": o.rounding,
             "master_seed": o.seed,
             **self.plan.public_facts(),
-            "noise": self.rule.mechanism.describe() if o.private else None,
+            "noise": self._noise.describe() if self._noise is not None else None,
             "num_directions": o.num_directions,
             "clip": o.clip if o.private else None,
             "trainable_numel": self.flat.numel,
             "clip_mode": o.clip_mode if o.private else None,
+            "layout": self.comm.layout.describe(),
             **self.stages.header(),
         }
 

@@ -1,0 +1,251 @@
+"""Scale-out on torch.distributed (gloo on the CPU): the layout changes the speed, never the result.
+
+Every test starts real processes: ``torchrun``, or ranks started by hand with torchrun's
+environment variables where a test needs each rank's own exit status. The runs train conftest's
+tiny BERT on its CSV splits with a debug noise seed, so a 1-rank run and an N-rank run draw the
+same batches and the same noise, and their ledgers can be compared.
+
+Tolerance of the data axis (docs/distributed.md): a per-example loss computed in a batch of
+another size or padding width differs in its last bits; the central difference divides that by
+2λ, and clipping (1-Lipschitz) and summing pass it on to the released vector. We allow each
+released coordinate a thousandth of the noise's standard deviation σC/(q·n), which every coordinate
+carries anyway; measured differences are a few 1e-5 of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpzo_engine.train import main as train_main
+from dpzo_engine.zo.parallel import Layout, LayoutError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS, K, LR, CLIP, BATCH = 8, 4, 0.05, 1.0, 8
+HERE = Path(__file__).resolve().parent
+TIMEOUT = 300  # seconds for one job: start-up is slow on a loaded 2-core machine
+Z_MAX = 5.7  # |z| of a Gaussian direction: r = sqrt(-2 ln u) with u >= 1e-7 (DESIGN section 2)
+
+
+def train_args(assets, out: Path, *extra: str) -> list[str]:
+    model_dir, data_dir = assets
+    return [
+        "--model", str(model_dir), "--task", "local", "--data-dir", str(data_dir), "--trainable", "all",
+        "--max-length", "16", "--batch-size", str(BATCH), "--steps", str(STEPS), "--num-directions", str(K),
+        "--clip", str(CLIP), "--lr", str(LR), "--log-every", "2", "--save-every", "2", "--eval-batch-size", "32",
+        "--noise-seed", "7", "--collective-timeout", "60", "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(nproc: int, args: list[str], script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m dpzo_engine.train ARGS`` (or a script), waited for."""
+    target = script if script is not None else ["-m", "dpzo_engine.train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(world: int, argv: list[str]) -> list[subprocess.Popen]:
+    """The ranks of one job started by hand (as torchrun would), each with its own exit status and stderr."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        rank_env = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+        rank_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *argv], env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    return procs
+
+
+def ledger(out: Path) -> tuple[dict, list[dict]]:
+    rows = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    return rows[0], rows[1:]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(next((out / "model").glob("*.safetensors")))
+
+
+def errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory) -> Path:
+    """The 1-rank run every layout must reproduce (a plain ``python -m dpzo_engine.train``, in-process)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same kernels, the same rounding
+    try:
+        with pytest.warns(UserWarning, match="NOT differentially private"):
+            assert train_main(train_args(assets, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_direction_axis_is_bit_exact(assets, reference, tmp_path):
+    out = tmp_path / "directions"
+    job = torchrun(2, train_args(assets, out, "--parallel", "directions"))
+    assert job.returncode == 0, job.stderr[-3000:]
+    (head, rows), (ref_head, ref_rows) = ledger(out), ledger(reference)
+    assert rows == ref_rows  # seeds, released vectors, coefficients, ε: bit for bit
+    assert head.pop("layout") == {
+        "parallel": "directions", "world_size": 2, "data_ranks": 1, "direction_ranks": 2, "passes": "all",
+    }  # fmt: skip
+    ref_head.pop("layout")
+    assert head == ref_head
+    ours, theirs = weights(out), weights(reference)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    summary = json.loads((out / "summary.json").read_text())
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    assert (
+        summary["final_test"]["n"] == 32 and summary["final_test"]["accuracy"] == ref_summary["final_test"]["accuracy"]
+    )
+    assert summary["forwards"] == ref_summary["forwards"] == STEPS * 2 * K  # each forward ran on one rank
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in logged if "split" not in m]
+    assert [m["step"] for m in steps] == list(range(2, STEPS + 1, 2))  # written once, by rank 0
+    assert all(
+        m["layout"]["world_size"] == 2 and m["comm_bytes_per_step"] > 0 and m["comm_seconds"] >= 0 for m in steps
+    )
+    assert job.stdout.count("fine-tuned") == 1  # the summary is printed by rank 0 alone
+
+
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [(2, ["--parallel", "data"]), (4, ["--parallel", "2d", "--direction-ranks", "2"])],
+    ids=["data", "2d"],
+)
+def test_data_axis_within_the_stated_tolerance(assets, reference, tmp_path, nproc, layout):
+    out = tmp_path / "run"
+    job = torchrun(nproc, train_args(assets, out, *layout))
+    assert job.returncode == 0, job.stderr[-3000:]
+    (_, rows), (ref_head, ref_rows) = ledger(out), ledger(reference)
+    noise_std = ref_head["noise_multiplier"] * CLIP / ref_head["expected_batch_size"]
+    tolerance = 1e-3 * noise_std
+    assert len(rows) == len(ref_rows) == STEPS
+    for row, ref in zip(rows, ref_rows):
+        for key in ("step", "seeds", "rounding_seed", "zo_eps", "lr", "epsilon"):
+            assert row[key] == ref[key], key  # public values and accounting do not depend on the layout
+        worst = max(abs(a - b) for a, b in zip(row["released"], ref["released"]))
+        assert worst <= tolerance, (row["step"], worst, tolerance)
+    assert rows[0]["released"] == ref_rows[0]["released"]  # first step: θ equal, only the batch split differs
+    ours, theirs = weights(out), weights(reference)
+    for name in ours:
+        drift = STEPS * (2 * K + 2) * 2.0**-23 * float(theirs[name].abs().max())  # passes rounding differently
+        atol = STEPS * LR * K * tolerance * Z_MAX + drift
+        assert torch.allclose(ours[name], theirs[name], rtol=0, atol=atol), name
+
+
+def test_killed_rank_ends_the_job_and_the_run_resumes_on_another_rank_count(assets, reference, tmp_path):
+    out = tmp_path / "killed"
+    ranks = start_ranks(2, ["-m", "dpzo_engine.train", *train_args(assets, out, "--parallel", "directions")])
+    latest = out / "checkpoint" / "LATEST"
+    deadline = time.time() + TIMEOUT
+    while not latest.exists() and ranks[0].poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert latest.exists(), ranks[0].communicate()[1][-3000:]
+    ranks[1].kill()
+    killed_at = time.time()
+    _, err = ranks[0].communicate(timeout=TIMEOUT)
+    ranks[1].wait()
+    assert ranks[1].returncode == -9, "rank 1 finished before it could be killed"
+    assert ranks[0].returncode == 1  # no hang: rank 0's next collective fails
+    assert time.time() - killed_at < 60 and len(errors(err)) == 1 and "step" in errors(err)[0], err[-2000:]
+    assert not (out / "summary.json").exists()
+
+    assert train_main(train_args(assets, out, "--resume")) == 0  # the same run, now on one rank
+    assert ledger(out)[1] == ledger(reference)[1]
+    ours, theirs = weights(out), weights(reference)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_corrupted_replica_is_caught_at_the_next_log_step(assets, tmp_path):
+    out = tmp_path / "corrupted"
+    script = [str(HERE / "distributed_worker.py"), "corrupt", "1", "3", "--"]  # rank 1, after step 3
+    job = torchrun(2, train_args(assets, out, "--parallel", "directions"), script=script)
+    assert job.returncode != 0
+    lines = errors(job.stdout + job.stderr)
+    assert lines == [
+        "error: replicas diverged at step 4: the trainable parameters of rank(s) 1 differ from rank 0's "
+        "(checksum mismatch)"
+    ], job.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "ledger.jsonl").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4]  # stopped at the check, before logging step 4's metrics
+
+
+def test_bad_layout_is_one_line_from_rank_0_and_exit_2_everywhere(assets, tmp_path):
+    ranks = start_ranks(
+        2, ["-m", "dpzo_engine.train", *train_args(assets, tmp_path / "bad", "--parallel", "directions", "-K", "3")]
+    )
+    outputs = [p.communicate(timeout=TIMEOUT) for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2]
+    assert errors(outputs[0][1]) == [
+        "error: K = 3 directions cannot be split evenly over 2 direction ranks; choose -K as a multiple of 2"
+    ]
+    assert errors(outputs[1][1]) == [] and "Traceback" not in outputs[0][1] + outputs[1][1]
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "mode, world, k, r, needle",
+    [
+        (None, 2, 4, None, "choose how to split the step with --parallel"),
+        ("directions", 2, 3, None, "cannot be split evenly over 2 direction ranks"),
+        ("directions", 8, 4, None, "cannot be split evenly over 8 direction ranks"),
+        ("2d", 4, 4, None, "--parallel 2d needs --direction-ranks"),
+        ("2d", 4, 4, 3, "must be a positive divisor of the world size 4"),
+        ("2d", 4, 6, 4, "cannot be split evenly over 4 direction --direction-ranks"),
+        ("data", 2, 4, 2, "--direction-ranks applies to --parallel 2d"),
+        (None, 1, 4, 2, "--direction-ranks needs --parallel 2d"),
+        ("rows", 2, 4, None, "--parallel must be one of data, directions, 2d"),
+    ],
+)
+def test_layouts_the_job_cannot_use(mode, world, k, r, needle):
+    with pytest.raises(LayoutError, match=needle.replace("(", r"\(")):
+        Layout.make(mode, world, 0, k, r)
+
+
+def test_layout_places_each_rank():
+    layout = Layout.make("2d", 6, 5, 8, 2)  # 3 data ranks × 2 direction ranks
+    assert (layout.data_index, layout.direction_index) == (2, 1)
+    assert layout.directions(8) == range(4, 8)
+    assert layout.direction_groups() == [[0, 1], [2, 3], [4, 5]] and layout.data_groups() == [[0, 2, 4], [1, 3, 5]]
+    shares = [Layout.make("data", 3, rank, 1).share(list(range(7))) for rank in range(3)]
+    assert shares == [[0, 1, 2], [3, 4], [5, 6]]  # contiguous, sizes differ by at most one
+    assert [Layout.make("data", 3, rank, 1).share([9]) for rank in range(3)] == [[9], [], []]
+    single = Layout.make(None, 1, 0, 16)
+    assert (
+        single.directions(16) == range(16) and single.share([1, 2]) == [1, 2] and single.describe()["parallel"] is None
+    )
+
+
+def test_collectives_on_two_gloo_ranks():
+    """zo.parallel's exchanges and checks, run.distributed's set-up agreement (tests/distributed_worker.py)."""
+    ranks = start_ranks(2, [str(HERE / "distributed_worker.py"), "comm"])
+    outputs = [p.communicate(timeout=TIMEOUT) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["rank 0: ok", "rank 1: ok"]
