@@ -68,6 +68,8 @@ def _local_device(name: str, local_rank: int) -> torch.device:
     wants_cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
     if not wants_cuda:
         return torch.device("cpu")
+    if ":" in name:
+        raise LayoutError(f"--device {name}: under torchrun each rank takes its local rank's GPU; give --device cuda")
     if not torch.cuda.is_available():
         raise LayoutError("--device cuda asked for, but CUDA is not available on this rank")
     if local_rank >= torch.cuda.device_count():
