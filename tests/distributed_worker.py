@@ -5,8 +5,8 @@
 
 ``comm`` checks the collectives of ``zo.parallel`` and ``run.distributed`` on a 2-rank gloo group
 (exit 0 when every check holds). ``corrupt`` trains with ``python -m dpzo_engine.train``'s own
-``main`` after adding one to a single bit pattern of rank R's parameters at the end of step S
-(a deliberately corrupted replica, which the replica check must catch).
+``main`` after flipping the sign bit of one of rank R's parameters at the end of step S (a
+deliberately corrupted replica, which the replica check must catch).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def corrupt_and_train(rank: int, step: int, argv: list[str]) -> int:
     def corrupted(self, t, loss_fn, forwards=None):
         record = step_once(self, t, loss_fn, forwards)
         if self.comm.layout.rank == rank and t + 1 == step:
-            first = self.engine.flat.buffers[0].view(-1)[:1]
-            first.view(torch.int32 if first.element_size() == 4 else torch.int16).add_(1)  # one ulp
+            flat = self.engine.flat.buffers[0].view(-1)
+            flat[flat.abs().argmax()].neg_()  # a flipped sign bit: no later pass can round it away
         return record
 
     ZOStep.__call__ = corrupted

@@ -69,6 +69,7 @@ class PrivacyPlan:
     epsilon_target: float | None = None
     delta: float | None = None
     notes: list[str] = field(default_factory=list)  # footguns, for the person training (stderr)
+    replica_reproducible: bool = False  # a replica's copy of rank 0's ``reproducible`` (``adopt``)
 
     @classmethod
     def create(
@@ -133,8 +134,9 @@ class PrivacyPlan:
 
     @property
     def reproducible(self) -> bool:
-        """A debug noise seed: the noise can be recomputed, so the run is NOT private."""
-        return self.generator.reproducible
+        """A debug noise seed: the noise can be recomputed, so the run is NOT private (on a replica:
+        as rank 0's facts say)."""
+        return self.generator.reproducible if self.generator is not None else self.replica_reproducible
 
     @property
     def guaranteed(self) -> bool:
@@ -158,6 +160,7 @@ class PrivacyPlan:
         """Take rank 0's public facts (``public_facts``): a replica's plan then describes the same run."""
         self.noise_multiplier, self.sample_rate = facts["noise_multiplier"], facts["sample_rate"]
         self.sample_rate_source, self.released_count = facts["sample_rate_source"], facts["released_count"]
+        self.replica_reproducible = self.private and not facts["private"]
 
     @property
     def releases(self) -> int:
