@@ -34,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,13 +110,15 @@ def own_passes_step(zo, loss_fn, step: int, forwards) -> None:
 def worker(args: argparse.Namespace) -> None:
     from dpzo_engine.run import distributed
     from dpzo_engine.run.config import parse_args
+    from dpzo_engine.run.run_dir import RunDir
     from dpzo_engine.run.session import Session
     from dpzo_engine.zo.parallel import replica_checksum
 
     torch.set_num_threads(args.threads)
     cfg = parse_args(train_flags(args))
     comm = distributed.start(cfg)
-    s = Session(cfg, None, False, comm)
+    with tempfile.TemporaryDirectory() as scratch:  # set-up checks look at a directory; nothing is written
+        s = Session(cfg, RunDir(scratch) if comm.is_root else distributed.ReplicaRun(scratch), False, comm)
     cuda = s.device.type == "cuda"
     fwd, passes = Timer(cuda), Timer(cuda)
     s.engine.apply = passes.wrap(s.engine.apply)
@@ -150,6 +153,7 @@ def worker(args: argparse.Namespace) -> None:
             s.zo.step(loss, forwards=s.forwards())
         else:
             own_passes_step(s.zo, loss, step, s.forwards())
+        comm.stop_signal(None)  # the training loop's per-step agreement on a stop signal
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0

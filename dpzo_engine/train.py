@@ -52,11 +52,11 @@ def train(cfg: TrainConfig, run: RunDir, s: Session, signals: Interrupts | None 
                 s.log_progress(run, bar, done, eps, time.time() - t0)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 run.log_metrics({"step": done, "split": "dev", **s.evaluate("dev")})
-            stopping = s.comm.any_rank(stop.requested)  # every rank stops at the same step
-            if (done % cfg.save_every == 0 and done < cfg.steps) or stopping:
+            signum = s.comm.stop_signal(stop.signum if stop.requested else None)  # on any rank: on all
+            if (done % cfg.save_every == 0 and done < cfg.steps) or signum:
                 s.save_checkpoint(run, done)
-            if stopping:
-                raise Interrupted(stop.signum or signal.SIGTERM, done)
+            if signum:
+                raise Interrupted(signum, done)
     bar.close()
     return s.finalize(run, time.time() - t0)
 
@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m dpzo_engine.train
         except OSError as exc:  # a full disk, a directory made read-only under us: the cause and the file
             return distributed.report_error(_disk_error(exc, run), comm)
         except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signals.signum  # the job's, when agreed
             if comm is None or comm.is_root:
-                print(f"\n{_interrupted(exc, signals, cfg, run)}", file=sys.stderr)
-            return exit_code(signals.signum)
+                print(f"\n{_interrupted(exc, signum, cfg, run)}", file=sys.stderr)
+            return exit_code(signum)
         finally:
             if run is not None:
                 run.abandon()  # set-up failed before anything was committed: leave nothing behind
@@ -131,9 +132,9 @@ def console() -> int:
     return main(prog="dpzo-train")
 
 
-def _interrupted(exc: KeyboardInterrupt, signals: Interrupts, cfg: TrainConfig | None, run: RunDir | None) -> str:
+def _interrupted(exc: KeyboardInterrupt, signum: int | None, cfg: TrainConfig | None, run: RunDir | None) -> str:
     """The one line a signal ends with: what was kept and how to go on."""
-    name = "Ctrl-C" if signals.signum in (None, signal.SIGINT) else signal.Signals(signals.signum).name
+    name = "Ctrl-C" if signum in (None, signal.SIGINT) else signal.Signals(signum).name
     if cfg is None or not isinstance(run, RunDir) or not run.committed:
         return f"interrupted ({name}) during set-up; nothing was written"
     if cfg.method in FIRST_ORDER_METHODS:

@@ -3,16 +3,21 @@
     python tests/distributed_worker.py comm                  # RANK, WORLD_SIZE, MASTER_ADDR/PORT set
     torchrun ... tests/distributed_worker.py corrupt R S -- <train flags>
 
+    python tests/distributed_worker.py slow SECONDS -- <train flags>
+
 ``comm`` checks the collectives of ``zo.parallel`` and ``run.distributed`` on a 2-rank gloo group
 (exit 0 when every check holds). ``corrupt`` trains with ``python -m dpzo_engine.train``'s own
 ``main`` after flipping the sign bit of one of rank R's parameters at the end of step S (a
-deliberately corrupted replica, which the replica check must catch).
+deliberately corrupted replica, which the replica check must catch). ``slow`` trains with ``main``
+and sleeps SECONDS after each step, so that a test can signal or kill a rank between two steps of
+a tiny model (which otherwise runs its steps in milliseconds).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -106,6 +111,21 @@ def corrupt_and_train(rank: int, step: int, argv: list[str]) -> int:
     return main(argv)
 
 
+def slow_train(seconds: float, argv: list[str]) -> int:
+    from dpzo_engine.train import main
+    from dpzo_engine.zo.step import ZOStep
+
+    step_once = ZOStep.__call__
+
+    def slowed(self, t, loss_fn, forwards=None):
+        record = step_once(self, t, loss_fn, forwards)
+        time.sleep(seconds)
+        return record
+
+    ZOStep.__call__ = slowed
+    return main(argv)
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "comm":
@@ -113,5 +133,7 @@ if __name__ == "__main__":
         print(f"rank {os.environ['RANK']}: ok")
     elif what == "corrupt":
         sys.exit(corrupt_and_train(int(sys.argv[2]), int(sys.argv[3]), sys.argv[5:]))
+    elif what == "slow":
+        sys.exit(slow_train(float(sys.argv[2]), sys.argv[4:]))
     else:
         sys.exit(f"unknown check {what!r}")

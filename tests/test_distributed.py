@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,7 +81,12 @@ def start_ranks(world: int, argv: list[str]) -> list[subprocess.Popen]:
 
 
 def ledger(out: Path) -> tuple[dict, list[dict]]:
+    """(header, rows) without the checksum chain (it chains the header, whose layout differs by design)
+    and without config_sha256 (config.json holds the layout flags and the output directory)."""
     rows = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("chain")
+    rows[0].pop("config_sha256")
     return rows[0], rows[1:]
 
 
@@ -160,14 +166,37 @@ def test_data_axis_within_the_stated_tolerance(assets, reference, tmp_path, npro
         assert torch.allclose(ours[name], theirs[name], rtol=0, atol=atol), name
 
 
-def test_killed_rank_ends_the_job_and_the_run_resumes_on_another_rank_count(assets, reference, tmp_path):
-    out = tmp_path / "killed"
-    ranks = start_ranks(2, ["-m", "dpzo_engine.train", *train_args(assets, out, "--parallel", "directions")])
+def wait_for_checkpoint(out: Path, rank0: subprocess.Popen, after: int) -> int:
+    """The step of the first checkpoint past step ``after`` (polled while rank 0 runs)."""
     latest = out / "checkpoint" / "LATEST"
     deadline = time.time() + TIMEOUT
-    while not latest.exists() and ranks[0].poll() is None and time.time() < deadline:
+    while rank0.poll() is None and time.time() < deadline:
+        if latest.exists() and int(latest.read_text().strip().removeprefix("step-")) > after:
+            return int(latest.read_text().strip().removeprefix("step-"))
         time.sleep(0.01)
-    assert latest.exists(), ranks[0].communicate()[1][-3000:]
+    raise AssertionError(f"no checkpoint after step {after}: {rank0.communicate()[1][-3000:]}")
+
+
+def test_signal_kill_and_resume_on_other_rank_counts(assets, reference, tmp_path, capsys):
+    """SIGTERM that reaches one rank stops every rank at the same step, with a checkpoint (exit 143
+    everywhere); rank 0 alone holds the run's lock meanwhile. Resumed on 2 ranks, a killed rank ends
+    the job (exit 1, no hang); resumed on 1 rank, the run ends as the 1-rank reference, bit for bit."""
+    out = tmp_path / "run"
+    slow = [str(HERE / "distributed_worker.py"), "slow", "0.5", "--"]  # time to signal between two steps
+    ranks = start_ranks(2, [*slow, *train_args(assets, out, "--parallel", "directions")])
+    wait_for_checkpoint(out, ranks[0], after=0)
+    assert train_main(train_args(assets, out, "--resume")) == 2  # a second writer, refused before it reads
+    assert f"is in use by another run (pid {ranks[0].pid}," in capsys.readouterr().err
+    ranks[1].send_signal(signal.SIGTERM)  # rank 1 only: rank 0 learns of it at the step's end
+    outputs = [p.communicate(timeout=TIMEOUT) for p in ranks]
+    assert [p.returncode for p in ranks] == [143, 143], outputs[0][1][-3000:]
+    stopped = int((out / "checkpoint" / "LATEST").read_text().strip().removeprefix("step-"))
+    assert f"interrupted (SIGTERM); checkpoint saved at step {stopped}; resume with" in outputs[0][1]
+    assert "interrupted" not in outputs[1][1] and ledger(out)[1][-1]["step"] == stopped < STEPS
+    assert not (out / ".lock").exists()
+
+    ranks = start_ranks(2, [*slow, *train_args(assets, out, "--parallel", "directions", "--resume")])
+    wait_for_checkpoint(out, ranks[0], after=stopped)
     ranks[1].kill()
     killed_at = time.time()
     _, err = ranks[0].communicate(timeout=TIMEOUT)
@@ -197,16 +226,21 @@ def test_corrupted_replica_is_caught_at_the_next_log_step(assets, tmp_path):
     assert steps == [1, 2, 3, 4]  # stopped at the check, before logging step 4's metrics
 
 
-def test_bad_layout_is_one_line_from_rank_0_and_exit_2_everywhere(assets, tmp_path):
-    ranks = start_ranks(
-        2, ["-m", "dpzo_engine.train", *train_args(assets, tmp_path / "bad", "--parallel", "directions", "-K", "3")]
-    )
-    outputs = [p.communicate(timeout=TIMEOUT) for p in ranks]
-    assert [p.returncode for p in ranks] == [2, 2]
-    assert errors(outputs[0][1]) == [
+def test_bad_layout_is_one_line_from_rank_0_and_exit_2_everywhere(assets, tmp_path, monkeypatch, capsys):
+    """Each rank's ``main`` as torchrun starts it (its environment), here in turn: the layout is checked
+    before any rank joins the process group, so no rank waits for another."""
+    argv = train_args(assets, tmp_path / "bad", "--parallel", "directions", "-K", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stderr = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert train_main(argv) == 2
+        stderr.append(capsys.readouterr().err)
+    assert errors(stderr[0]) == [
         "error: K = 3 directions cannot be split evenly over 2 direction ranks; choose -K as a multiple of 2"
     ]
-    assert errors(outputs[1][1]) == [] and "Traceback" not in outputs[0][1] + outputs[1][1]
+    assert errors(stderr[1]) == [] and "Traceback" not in stderr[0] + stderr[1]
     assert not (tmp_path / "bad").exists()
 
 

@@ -290,14 +290,16 @@ class Comm:
         self._collective("all_reduce", out.numel() * out.element_size(), dist.all_reduce, out)
         return out.to(values.device)
 
-    def any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank (a stop signal that reached some ranks only): every rank
-        then takes the same branch at the same step."""
+    def stop_signal(self, signum: int | None) -> int | None:
+        """The signal that asks the job to stop, if any rank got one (``signum``: this rank's, or None):
+        a signal can reach some ranks only, or them at different steps, and every rank must stop at the
+        same step boundary. The highest signal number wins (SIGTERM over Ctrl-C)."""
         if self.world_size == 1:
-            return flag
-        out = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
-        self._collective("all_reduce of the stop flag", 4, dist.all_reduce, out, op=dist.ReduceOp.MAX)
-        return bool(out.item())
+            return signum
+        out = torch.tensor([signum or 0], dtype=torch.int32, device=self.device)
+        highest = lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)  # noqa: E731
+        self._collective("all_reduce of the stop signal", 4, highest, out)
+        return int(out.item()) or None
 
     def check_replicas(self, step: int, tensors: Iterable[torch.Tensor], what: str = "trainable parameters") -> None:
         """Compare a checksum of every rank's ``tensors`` with rank 0's; a mismatch stops the job (every
