@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS, K, LR, CLIP, BATCH = 8, 4, 0.05, 1.0, 8
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 300  # seconds for one job: start-up is slow on a loaded 2-core machine
-Z_MAX = 5.7  # |z| of a Gaussian direction: r = sqrt(-2 ln u) with u >= 1e-7 (DESIGN section 2)
+Z_MAX = 5.7  # |z| of a Gaussian direction: r = sqrt(-2 ln u) with u >= 1e-7 (docs/design.md section 2)
 
 
 def train_args(assets, out: Path, *extra: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""A ZO step spread over ranks (DESIGN section 9): who forwards what, and what ranks exchange.
+"""A ZO step spread over ranks (docs/design.md section 9): who forwards what, and what ranks exchange.
 
 Why it is cheap: a step's update is a function of public values (seeds, λ, η) and one released
 K-vector, so replicas that start equal and run the same fused passes stay bit-equal without
