@@ -147,8 +147,8 @@ def worker(args: argparse.Namespace) -> None:
         else:  # the same batch again, broadcast again
             comm.batch(sampled[step] if comm.is_root else None)
         idx = shares[step]
-        batch = s.batch(idx)
-        loss = None if batch is None else fwd.wrap(lambda: s.head.per_example_loss(s.model, batch))
+        loss_fn = s.loss_fn(idx)  # the trainer's own step forward; None for an empty share
+        loss = None if loss_fn is None else fwd.wrap(loss_fn)
         if mode == "all":
             s.zo.step(loss, forwards=s.forwards())
         else:
@@ -186,7 +186,7 @@ def worker(args: argparse.Namespace) -> None:
         result = {"layout": comm.layout.describe(), "threads": torch.get_num_threads(), "device": str(s.device),
                   "trainable_numel": s.flat.numel, "replicas_identical": identical, "steps": rows}  # fmt: skip
         Path(args.worker).write_text(json.dumps(result))
-    distributed.finish(comm)
+    distributed.finish(comm, together=True)
 
 
 def _transfer_times(comm, rows: list[dict]) -> None:

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dpzo_engine.train
     signals = Interrupts()
     with signals.installed():
         comm = run = cfg = None
+        together = False  # every rank leaves at the same point (run/distributed.py: finish)
         try:
             cfg = parse_args(argv, prog)
             comm = distributed.start(cfg)  # torchrun's ranks, or one rank
@@ -108,11 +109,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m dpzo_engine.train
             run = output_dir(cfg, comm)
             session, loop = open_run(cfg, comm, run)
             summary = loop(cfg, run, session, signals)
+            together = True
         except UserError as exc:
+            together = distributed.ends_together(exc)
             return distributed.report_error(exc, comm)  # rank 0 speaks for errors every rank met alike
         except OSError as exc:  # a full disk, a directory made read-only under us: the cause and the file
             return distributed.report_error(_disk_error(exc, run), comm)
         except KeyboardInterrupt as exc:
+            together = distributed.ends_together(exc)
             signum = exc.signum if isinstance(exc, Interrupted) else signals.signum  # the job's, when agreed
             if comm is None or comm.is_root:
                 print(f"\n{_interrupted(exc, signum, cfg, run)}", file=sys.stderr)
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dpzo_engine.train
             if run is not None:
                 run.abandon()  # set-up failed before anything was committed: leave nothing behind
                 run.release()
-            distributed.finish(comm)
+            distributed.finish(comm, together)
     if comm.is_root:
         session.print_summary(summary)
     return 0

@@ -19,6 +19,7 @@ Rank 0 alone holds the secret generator and writes the output directory; the oth
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -27,8 +28,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from ..core.errors import UserError, report
-from ..zo.parallel import CollectiveFailed, Comm, Layout, LayoutError
+from ..core.errors import TrainingDiverged, UserError, report
+from ..core.interrupts import Interrupted
+from ..zo.parallel import CollectiveFailed, Comm, Layout, LayoutError, ParallelFault
 from .config import FIRST_ORDER_METHODS, TrainConfig
 
 T = TypeVar("T")
@@ -126,6 +128,7 @@ def agree(comm: Comm, fn: Callable[[], T]) -> T:
     for rank, m in enumerate(messages):
         if int(m[0]):
             if failure is not None:
+                failure.agreed = True  # every rank stops here (``ends_together``)
                 raise failure
             text = bytes(m[1:].tolist()).rstrip(b"\0").decode(errors="replace")
             raise AgreedError(text if rank == 0 else f"rank {rank}: {text}", 2 if int(m[0]) == 1 else 1)
@@ -134,6 +137,8 @@ def agree(comm: Comm, fn: Callable[[], T]) -> T:
 
 class AgreedError(UserError):
     """Another rank's set-up error, raised here too so that every rank stops the same way."""
+
+    agreed = True
 
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
@@ -166,10 +171,28 @@ def _rank_or_zero() -> int:
         return 0
 
 
-def finish(comm: Comm | None) -> None:
-    """Leave the process group (after the last collective)."""
-    if comm is not None and comm.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+def ends_together(exc: BaseException) -> bool:
+    """Whether every rank stops at this same point with ``exc``: a stop signal agreed at a step
+    boundary, an error exchanged by ``agree``, a replica mismatch (every rank compares the same
+    checksums), a divergence (θ is the same everywhere). Not a failed collective (a peer is gone)."""
+    if isinstance(exc, CollectiveFailed):
+        return False
+    return isinstance(exc, Interrupted | ParallelFault | TrainingDiverged) or getattr(exc, "agreed", False)
+
+
+def finish(comm: Comm | None, together: bool = False) -> None:
+    """Leave the process group (after the last collective). ``together``: every rank is on its way
+    out at the same point (the job ended, or an error every rank met), so they first wait for each
+    other (rank 0 may still be writing the model): a rank that tears its connections down while a
+    peer still holds them can abort in gloo's threads ("terminate called without an active
+    exception") and turn a clean exit into SIGABRT. Otherwise (a peer died) nobody waits."""
+    if comm is None or comm.world_size == 1 or not dist.is_initialized():
+        return
+    if together:
+        with contextlib.suppress(RuntimeError):  # a peer that failed meanwhile: leave anyway
+            dist.barrier()
+    comm.close()
+    dist.destroy_process_group()
 
 
 class ReplicaRun:

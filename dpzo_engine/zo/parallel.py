@@ -189,6 +189,12 @@ class Comm:
     def is_root(self) -> bool:
         return self.layout.is_root
 
+    def close(self) -> None:
+        """Drop this object's references to its process groups, so that ``destroy_process_group`` frees
+        them now. A group kept alive past it (by a session that a reference cycle holds until the
+        interpreter exits) is freed during finalisation, where gloo's threads abort the process."""
+        self._direction_group = self._data_group = None
+
     @property
     def world_size(self) -> int:
         return self.layout.world_size
