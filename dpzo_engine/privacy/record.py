@@ -10,9 +10,9 @@ releases it accounts for.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from ..core.files import sha256_file
 from .plan import PrivacyPlan
 
 RECORD_FORMAT = "dpzo-engine privacy record v1"
@@ -21,14 +21,6 @@ ACCOUNTANT = (
     "PRV accountant (Gopi, Lee, Wutschitz 2021; prv_accountant) upper bound for Poisson-subsampled Gaussian "
     "releases composed T times, with the noisy count (pure epsilon_c-DP) composed once; RDP as a cross-check"
 )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def privacy_record(

@@ -25,7 +25,8 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}.{path.name}.{os.getpid()}")
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries are durable only after it is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -87,7 +88,7 @@ def write_file(path: Path, write, mode: int = 0o644) -> dict:
             raise f.error from None  # torch wraps the OSError of a full disk into a RuntimeError
         raise
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     return {"bytes": f.size, "sha256": f.sha.hexdigest()}
 
 
@@ -97,14 +98,6 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> dict:
 
 def atomic_torch_save(obj: Any, path: Path, mode: int = 0o644) -> dict:
     return write_file(path, lambda f: torch.save(obj, f), mode)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def remove(path: Path) -> None:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 from ..core import stream
 from ..core.errors import RunDirError, UserError
+from ..core.files import sha256_file
 from . import journal
-from .atomic import sha256_file
 from .journal import Journal
 from .ledger import Ledger, read_ledger
 

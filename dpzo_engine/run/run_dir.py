@@ -52,8 +52,9 @@ from typing import Any
 import torch
 
 from ..core.errors import RunDirError
+from ..core.files import sha256_file
 from . import integrity, journal, preflight
-from .atomic import TMP_PREFIX, atomic_torch_save, atomic_write_text, fsync_dir, remove, sha256_file, tmp_name
+from .atomic import TMP_PREFIX, atomic_torch_save, atomic_write_text, fsync_path, remove, tmp_name
 from .integrity import Checkpoint, RunState
 from .ledger import read_ledger
 from .lock import RunLock
@@ -281,7 +282,7 @@ class RunDir:
         except BaseException:
             remove(tmp)
             raise
-        fsync_dir(self.checkpoint_dir)
+        fsync_path(self.checkpoint_dir)
         atomic_write_text(self.checkpoint_dir / LATEST, name + "\n")
         for old in self.checkpoint_dir.glob("step-*"):
             if old.name != name:
@@ -317,13 +318,13 @@ class RunDir:
             sums = "".join(f"{sha256_file(p)}  {p.relative_to(tmp).as_posix()}\n" for p in files)
             atomic_write_text(tmp / MODEL_SUMS, sums)
             for p in files:
-                _fsync_file(p)
-            fsync_dir(tmp)
+                fsync_path(p)
+            fsync_path(tmp)
             old = tmp.with_name(tmp.name + ".old")
             if target.exists():
                 os.replace(target, old)
             os.replace(tmp, target)
-            fsync_dir(self.path)
+            fsync_path(self.path)
             remove(old)
         except BaseException:
             remove(tmp)
@@ -345,11 +346,3 @@ def check_model_sums(model_dir: Path) -> None:
             raise RunDirError(f"{path} is missing (listed in {sums})")
         if sha256_file(path) != digest:
             raise RunDirError(f"{path} is damaged (its sha256 differs from {sums})")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
