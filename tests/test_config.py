@@ -166,6 +166,26 @@ def test_a_config_built_in_python_gets_the_same_checks():
     assert cfg.lr == 1e-3 and cfg.steps == 10 and isinstance(cfg.steps, int)
 
 
+@pytest.mark.parametrize(
+    "method, given, needle",
+    [
+        ("dp-aggzo", {"weight_decay": 0.1}, "--weight-decay applies to --method dp-adamw or adamw only"),
+        ("mezo", {"opacus_mode": "ghost"}, "--opacus-mode applies to --method dp-adamw"),
+        ("dp-zoso", {"physical_batch_size": 8}, "--physical-batch-size applies to --method dp-adamw or adamw"),
+        ("dp-adamw", {"num_directions": 64}, "--num-directions applies to the zeroth-order methods"),
+        ("adamw", {"zo_eps": 1e-2}, "--zo-eps applies to the zeroth-order methods"),
+        ("dp-adamw", {"difference": "forward"}, "--difference applies to the zeroth-order methods"),
+        ("dp-adamw", {"direction_kind": "rademacher"}, "--direction-kind applies to the zeroth-order methods"),
+    ],
+)
+def test_a_flag_the_method_would_ignore_is_refused(method, given, needle):
+    """Issue 12's open point: --weight-decay under DP-AggZO (or -K under DP-AdamW) was accepted and silently
+    ignored; a user who set it believes it acted."""
+    with pytest.raises(ConfigError, match=needle):
+        validate(TrainConfig(method=method, **given))
+    validate(TrainConfig(method=method))  # the defaults themselves are fine
+
+
 def test_defaults_that_depend_on_other_values_resolve_in_one_place():
     assert validate(TrainConfig()).num_directions == DEFAULT_DIRECTIONS["dp-aggzo"]
     assert validate(TrainConfig(method="dpzero")).num_directions == 1

@@ -3,6 +3,7 @@ state round trips; the examples in examples/ run as a user would run them."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -134,6 +135,33 @@ def test_make_checks_its_arguments(kw, needle):
     args = {"num_examples": 512, "steps": 3, "batch_size": 64, **kw}
     with pytest.raises(ConfigError, match=needle):
         dpzo_engine.PrivateZO.make(nn.Linear(8, 2), **args)
+
+
+@pytest.mark.parametrize("method", ["dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo"])
+def test_an_option_left_unset_means_what_it_means_on_the_command_line(method):
+    """``PrivateZO.make(method=m)`` with nothing else set runs the method the CLI's ``--method m`` runs:
+    the same K, η, λ, C, clipping and stage schedule (the API once ran K = 16 where the CLI ran 64,
+    DP-ZOSO/DP-ZOPO without stages or mask, and the per-direction ablation with joint clipping)."""
+    from dpzo_engine.run.config import TrainConfig, validate
+
+    steps = 30
+    cli = validate(TrainConfig(method=method, steps=steps)).zo_options()
+
+    def run(**options) -> dpzo_engine.PrivateZO:
+        model = nn.Linear(8, 2)
+        return dpzo_engine.PrivateZO.make(
+            model, num_examples=512, steps=steps, batch_size=64, epsilon=2.0, method=method, **options
+        )
+
+    api = run()
+    as_cli = run(**{f.name: getattr(cli, f.name) for f in dataclasses.fields(cli) if f.name != "method"})
+    assert api.header() == as_cli.header()
+    assert api.options.num_directions == cli.num_directions and api.options.lr == cli.lr
+
+
+def test_dpzero_takes_one_direction_in_the_api_too():
+    with pytest.raises(ConfigError, match="dpzero uses one direction per step"):
+        make(nn.Linear(8, 2), method="dpzero", num_directions=4, noise_seed=None)
 
 
 def test_make_puts_the_model_in_eval_mode_and_rounds_bf16_stochastically():

@@ -44,30 +44,37 @@ from ..models.step_forward import COMPILE_CHOICES, GPU_BATCH_MULTIPLE
 from ..zo import pruning
 from ..zo.guard import DEFAULT_MAX_GROWTH
 from ..zo.parallel import PARALLEL_MODES
-from ..zo.private_zo import ZOOptions
+from ..zo.private_zo import (
+    DEFAULT_DIRECTIONS,
+    DEFAULT_STAGES,
+    DEFAULT_ZO_LR,
+    STAGEWISE_METHODS,
+    ZOOptions,
+    default_clip_mode,
+    default_directions,
+)
 from ..zo.stagewise import StageOptions
 from . import options, reporting
 from .options import UINT64, option
 
 METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo", "dp-adamw", "adamw")
 PRIVATE_METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "dp-adamw")
-STAGEWISE_METHODS = ("dp-zoso", "dp-zopo")  # DP-AggZO's rule + stage schedule (+ mask): stagewise.py
 CLIPPINGS = ("auto", "joint", "per-direction")
 FIRST_ORDER_METHODS = ("dp-adamw", "adamw")  # backprop baselines (run/first_order/)
 OPACUS_MODES = ("auto", "ghost", "fast", "hooks")
 DTYPES = ("float32", "bfloat16")
 
 # Defaults that depend on other values, resolved in ``validate`` (and quoted by the help texts).
-DEFAULT_LR = {"zo": 5e-2, "first_order": 5e-4}  # when --lr is not given (zo: tuned for the embedded default)
-# K when --num-directions is not given: the papers' settings (DP-AggZO K = 64; the others one direction)
-DEFAULT_DIRECTIONS = {"dp-aggzo": 64, "dp-aggzo-perdir": 64}
+# (The ZO methods' own defaults live beside ZOOptions, which the Python API fills the same way.)
+DEFAULT_LR = {"zo": DEFAULT_ZO_LR, "first_order": 5e-4}  # when --lr is not given
 DEFAULT_BATCH_SIZE = 128  # when neither --batch-size nor --sample-rate is given
 # The PRV accountant's grid grows with T: 1e8 steps calibrate in ~10 s and 0.4 GB, 1e9 in ~50 s and 1 GB,
 # 1e12 does not finish. At K = 64 a ledger line is ~5 KB, so 1e8 steps would also write ~500 GB.
 MAX_STEPS = 10**8
 _STAGE = {f.name: f.default for f in dataclasses.fields(StageOptions)}
+_ZO = {f.name: f.default for f in dataclasses.fields(ZOOptions)}
 STAGE_DEFAULTS = {  # dp-zoso / dp-zopo, when not given (the rest as StageOptions has them)
-    "stages": 3,
+    "stages": DEFAULT_STAGES,
     "lr_decay": _STAGE["lr_decay"],
     "keep_fraction": _STAGE["keep_fraction"],
     "mask_strategy": _STAGE["mask_strategy"],
@@ -220,7 +227,7 @@ class TrainConfig:
         group="method",
         choices=stream.KINDS,
     )
-    zo_eps: float = option(1e-3, "perturbation scale λ", group="method")
+    zo_eps: float = option(_ZO["zo_eps"], "perturbation scale λ", group="method")
     lr: float | None = option(None, "learning rate η", group="method", shown=_lr_defaults())
     rounding: str = option(
         "auto", "update rounding; auto: stochastic for bfloat16", group="method", choices=("auto", *ops.ROUNDINGS)
@@ -293,7 +300,7 @@ class TrainConfig:
     epsilon: float = option(2.0, "target ε; σ is calibrated for it with the PRV accountant", group="privacy")
     delta: float = option(1e-5, "target δ", group="privacy")
     clip: float = option(
-        1.0,
+        _ZO["clip"],
         "clipping threshold C: L2 bound on each example's K-vector after the 1/K scale (dp-adamw: on the gradient)",
         group="privacy",
     )
@@ -442,7 +449,7 @@ class TrainConfig:
     def clip_mode(self) -> str:
         if self.clipping != "auto":
             return self.clipping.replace("-", "_")
-        return "per_direction" if self.method == "dp-aggzo-perdir" else "joint"
+        return default_clip_mode(self.method)
 
     def update_rounding(self) -> str:
         """Stochastic rounding for bf16 updates (else updates below half an ulp vanish)."""
@@ -524,6 +531,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field (types and choices first: a TrainConfig built in Python gets the CLI's
     checks too), then resolve the defaults that depend on other values."""
     options.check_types(cfg)
+    _check_method_flags(cfg)
     resolve_defaults(cfg)
     _validate_peft(cfg)
     if cfg.method == "dpzero" and cfg.num_directions != 1:
@@ -592,11 +600,26 @@ def _validate_limits(cfg: TrainConfig) -> None:
         raise ConfigError(f"--max-weight-growth must be 0 (finiteness only) or a finite number > 1, got {g!r}")
 
 
+FIRST_ORDER_KEYS = ("weight_decay", "opacus_mode", "physical_batch_size")
+ZO_KEYS = ("num_directions", "zo_eps", "difference", "direction_kind")
+
+
+def _check_method_flags(cfg: TrainConfig) -> None:
+    """A flag the chosen method would ignore is refused: whoever set it believes it acts.  Run before the
+    defaults are resolved, so that a key left unset (None, or its default) is not mistaken for a given one."""
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    first_order = cfg.method in FIRST_ORDER_METHODS
+    for key in ZO_KEYS if first_order else FIRST_ORDER_KEYS:
+        if getattr(cfg, key) != default[key]:
+            where = "the zeroth-order methods" if first_order else "--method dp-adamw or adamw only"
+            raise ConfigError(f"--{key.replace('_', '-')} applies to {where}, not to --method {cfg.method}")
+
+
 def resolve_defaults(cfg: TrainConfig) -> None:
     """The one place where defaults that depend on other values are filled in (fields left None).
     Stagewise options are refused for the other methods first, so they are only filled for theirs."""
     if cfg.num_directions is None:
-        cfg.num_directions = DEFAULT_DIRECTIONS.get(cfg.method, 1)
+        cfg.num_directions = default_directions(cfg.method)
     if cfg.lr is None:
         cfg.lr = DEFAULT_LR["first_order" if cfg.method in FIRST_ORDER_METHODS else "zo"]
     if cfg.sample_rate is None and cfg.batch_size is None:

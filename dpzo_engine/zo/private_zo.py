@@ -57,18 +57,34 @@ from .stagewise import StageOptions, build_stagewise
 from .step import LossFn, StepRecord, ZOStep, check_stage_event, replay_step
 
 ZO_METHODS = ("dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo")
+STAGEWISE_METHODS = ("dp-zoso", "dp-zopo")  # DP-AggZO's rule + a stage schedule (DP-ZOPO: + a mask)
+# Defaults that depend on the method, read by the CLI too (run/config.py): an option left unset means the same
+# from Python as on the command line.
+DEFAULT_DIRECTIONS = {"dp-aggzo": 64, "dp-aggzo-perdir": 64}  # the papers' settings; the other methods: 1
+DEFAULT_ZO_LR = 5e-2  # tuned for the embedded default task
+DEFAULT_STAGES = 3  # DP-ZOSO / DP-ZOPO
+
+
+def default_directions(method: str) -> int:
+    return DEFAULT_DIRECTIONS.get(method, 1)
+
+
+def default_clip_mode(method: str) -> str:
+    """Joint clipping of the K-vector, except for the per-direction ablation (sensitivity C·√K)."""
+    return "per_direction" if method == "dp-aggzo-perdir" else "joint"
 
 
 @dataclass(frozen=True)
 class ZOOptions:
-    """How a step estimates and updates, as plain values (the CLI's config maps onto these)."""
+    """How a step estimates and updates, as plain values (the CLI's config maps onto these).
+    ``None`` fields take the method's default (``__post_init__``), as the CLI's flags do."""
 
     method: str = "dp-aggzo"
-    num_directions: int = 16
-    lr: float = 5e-2
+    num_directions: int | None = None  # default_directions(method)
+    lr: float | None = None  # DEFAULT_ZO_LR
     zo_eps: float = 1e-3
     clip: float = 1.0
-    clip_mode: str = "joint"  # "per_direction": the ablation, sensitivity C·√K
+    clip_mode: str | None = None  # default_clip_mode(method)
     difference: str = "central"
     direction_kind: str = "gaussian"
     rounding: str = "auto"  # auto: stochastic for 16-bit buffers (updates below half an ulp would vanish), else nearest
@@ -76,6 +92,32 @@ class ZOOptions:
     seed: int = 0  # the public master seed of the direction stream
     stages: StageOptions | None = field(default=None)  # DP-ZOSO / DP-ZOPO attachments
     max_weight_growth: float = DEFAULT_MAX_GROWTH  # divergence band on rms θ (guard.py); 0: finiteness only
+
+    def __post_init__(self) -> None:
+        if self.method not in ZO_METHODS:
+            raise ConfigError(f"method must be one of {', '.join(ZO_METHODS)}; got {self.method!r}")
+        resolved = {
+            "num_directions": default_directions(self.method),
+            "lr": DEFAULT_ZO_LR,
+            "clip_mode": default_clip_mode(self.method),
+        }
+        for name, default in resolved.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)  # frozen: filled once, here
+        if self.method == "dpzero" and self.num_directions != 1:
+            raise ConfigError("method dpzero uses one direction per step; leave num_directions unset or set it to 1")
+        if self.clip_mode not in ("joint", "per_direction"):
+            raise ConfigError(f"clip_mode must be 'joint' or 'per_direction'; got {self.clip_mode!r}")
+
+    def stage_options(self, steps: int) -> StageOptions:
+        """The stage schedule when ``stages`` is not given: DP-ZOSO's and DP-ZOPO's defaults, else none."""
+        if self.stages is not None:
+            return self.stages
+        staged = self.method in STAGEWISE_METHODS
+        return StageOptions(
+            steps, self.lr, self.zo_eps, self.seed, self.direction_kind, self.rounding,
+            stages=DEFAULT_STAGES if staged else None, mask=self.method == "dp-zopo",
+        )  # fmt: skip
 
     def perturbation_scales(self) -> dict[str, float]:
         """Every λ the run will use, by the flag that sets it (DP-ZOSO's schedule is geometric between its ends)."""
@@ -109,8 +151,6 @@ class PrivateZO:
     ):
         """``flat``: the model's flat buffer if one was already made (parameters are views into it).
         ``comm``: this rank's place in a scale-out job (default: one rank)."""
-        if options.method not in ZO_METHODS:
-            raise ConfigError(f"method must be one of {', '.join(ZO_METHODS)}; got {options.method!r}")
         if options.private != plan.private:
             raise ConfigError(f"method {options.method} needs a {'private' if options.private else 'non-private'} plan")
         self.comm = comm if comm is not None else Comm()
@@ -125,10 +165,7 @@ class PrivateZO:
             check_perturbation_scale(self.flat, zo_eps, name)  # before anything perturbs θ
         self.guard = DivergenceGuard(self.flat, options.max_weight_growth)
         self.engine = ZOEngine(self.flat, options.direction_kind, options.backend, options.difference)
-        stage_opts = options.stages or StageOptions(
-            steps, options.lr, options.zo_eps, options.seed, options.direction_kind, options.rounding
-        )
-        self.stages = build_stagewise(stage_opts, model, self.flat, self.engine)
+        self.stages = build_stagewise(options.stage_options(steps), model, self.flat, self.engine)
         self.rule = self._rule()
         self._step = ZOStep(
             self.engine, self.rule, self.stages, options.seed, options.num_directions, options.rounding, self.comm
