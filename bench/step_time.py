@@ -72,7 +72,9 @@ ZO_EPS, LR, CLIP, SIGMA = 1e-3, 1e-6, 1.0, 1.0
 MASTER_SEED = 0
 TARGET_CENTRAL, TARGET_FORWARD, TARGET_OUTSIDE = 2.0, 3.5, 0.10  # GPU
 TARGET_CPU_CENTRAL, TARGET_CPU_OUTSIDE = 2.0, 0.25  # CPU, one thread
-IMPLEMENTATIONS = ("ours-central", "ours-forward", "mezo-style")
+IMPLEMENTATIONS = ("ours-central", "ours-forward", "ours-central-rademacher", "mezo-style")
+# Rademacher directions (±1 from single Philox bits): not the targets' algorithm (the published code draws
+# Gaussians), timed beside it so that a user sees what the Gaussian transform costs in a step.
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul", "aten::addbmm")
 
 
@@ -125,9 +127,11 @@ class OursStep:
     """One DP-AggZO step on the fused engine (the trainer's step without its logging): the batch is
     bound once per step (``StepForward.bind``), its forwards then run 2K (or K + 1) times."""
 
-    def __init__(self, flat: FlatParams, forward: StepForward, batch: dict, k: int, difference: str, clock):
+    def __init__(
+        self, flat: FlatParams, forward: StepForward, batch: dict, k: int, difference: str, clock, kind="gaussian"
+    ):
         self.flat, self.forward, self.batch, self.clock = flat, forward, batch, clock
-        self.engine = ZOEngine(flat, "gaussian", "auto", difference)
+        self.engine = ZOEngine(flat, kind, "auto", difference)
         self.rule = private_rule(k, len(batch["labels"]), self.engine.backend)
         self.k = k
         self.rounding = "stochastic" if self.flat.buffers[0].dtype == torch.bfloat16 else "nearest"
@@ -304,12 +308,13 @@ def bench_model(
     compile: str = "off",
     profile: bool = False,
     compiled_forwards: bool | None = None,
+    rademacher: bool = False,
 ) -> dict:
     """Forwards per second, then the three step implementations at each K, on one random-init model.
     ``compile``: our step's forwards, as the trainer's ``--compile`` (``main`` passes its ``--compile``,
     default auto; the default here, off, keeps callers on a time budget, ``gpu_check``'s step part, free of
     a compilation); ``compiled_forwards``: time a compiled forward in the forwards table too (None: when
-    the step compiles)."""
+    the step compiles); ``rademacher``: add our central step with Rademacher directions."""
     arch = common.MODELS[name][0]
     masked = arch == "roberta"
     head = "mlm-prompt" if masked else "causal-prompt"
@@ -351,6 +356,8 @@ def bench_model(
             "ours-forward": OursStep(flat, ours_forward, batch, k, "forward", clock),
             "mezo-style": MeZOStyleStep(mezo_model, mezo_loss, batch, k, clock),
         }
+        if rademacher:
+            steps["ours-central-rademacher"] = OursStep(flat, ours_forward, batch, k, "central", clock, "rademacher")
         time_rounds(steps, 1, device, t0=0)  # warm-up: kernels compiled, caches filled
         times = time_rounds(steps, reps, device, t0=1)
         instrumented = {}
@@ -361,7 +368,7 @@ def bench_model(
             instrumented[impl] = {"step_s": total, "forward_s": clock.seconds, "forwards": clock.count}
         wall = {impl: summary(v[0]) for impl, v in times.items()}
         cpu = {impl: summary(v[1]) for impl, v in times.items()}
-        for impl in IMPLEMENTATIONS:
+        for impl in (i for i in IMPLEMENTATIONS if i in steps):
             ins = instrumented[impl]
             out["rows"].append(
                 {
@@ -371,7 +378,7 @@ def bench_model(
                     "step_wall_s": wall[impl],
                     "step_cpu_s": cpu[impl],
                     "forwards_per_step": ins["forwards"],
-                    "passes_per_step": (2 * k + 1 if impl == "ours-central" else k + 1)
+                    "passes_per_step": (2 * k + 1 if impl.startswith("ours-central") else k + 1)
                     if impl.startswith("ours")
                     else 4 * k,
                     "instrumented_step_s": ins["step_s"],
@@ -400,7 +407,7 @@ def evaluate_targets(models: list[dict], gpu: bool, cpu: bool = False) -> list[d
     rows = [r | {"model": m["model"]} for m in models for r in m["rows"]]
     central = [r["speedup_vs_mezo_style"] for r in rows if r["implementation"] == "ours-central"]
     forward = [r["speedup_vs_mezo_style"] for r in rows if r["implementation"] == "ours-forward"]
-    outside = [r["outside_forward_share"] for r in rows if r["implementation"].startswith("ours")]
+    outside = [r["outside_forward_share"] for r in rows if r["implementation"] in ("ours-central", "ours-forward")]
     outside_central = [r["outside_forward_share"] for r in rows if r["implementation"] == "ours-central"]
     return [
         target("MeZO-style / ours (central differences), worst case", central, TARGET_CENTRAL, ">= 2x", True, gpu),
@@ -431,11 +438,11 @@ def print_table(models: list[dict]) -> None:
             )
             print(f"  profile {name}: {1e3 * p['wall_s']:.2f} ms = {parts}")
         header = ("K", "implementation", "step s", "cpu s", "vs MeZO", "spread", "outside fwd")
-        print(" ".join(f"{h:>{w}}" for h, w in zip(header, (3, 14, 9, 9, 8, 13, 11))))
+        print(" ".join(f"{h:>{w}}" for h, w in zip(header, (3, 23, 9, 9, 8, 13, 11))))
         for r in m["rows"]:
             spread = f"{min(r['round_speedups']):.2f}-{max(r['round_speedups']):.2f}"
             print(
-                f"{r['K']:>3} {r['implementation']:>14} {r['step_s']:>9.4f} {r['step_cpu_s']['median']:>9.4f}"
+                f"{r['K']:>3} {r['implementation']:>23} {r['step_s']:>9.4f} {r['step_cpu_s']['median']:>9.4f}"
                 f" {r['speedup_vs_mezo_style']:>7.2f}x {spread:>13} {100 * r['outside_forward_share']:>10.1f}%"
             )
 
@@ -490,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results.append(
             bench_model(
                 name, directions, batch, length, reps, device, dtype, args.compile, args.profile,
-                compiled_forwards=not args.quick and args.compile != "off",
+                compiled_forwards=not args.quick and args.compile != "off", rademacher=True,
             )
         )  # fmt: skip
         if gpu:
@@ -523,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "implementations": {
             "ours-central": "fused engine, central differences: 2K forwards, 2K+1 fused passes",
             "ours-forward": "fused engine, forward differences: K+1 forwards, K+1 fused passes",
+            "ours-central-rademacher": "as ours-central with Rademacher directions (not the targets' algorithm: "
+            "shows what the Gaussian transform costs)",
             "mezo-style": "torch.manual_seed + torch.normal per tensor, +l/-2l/+l passes, one update pass per "
             "direction, the published code's forward",
         },

@@ -82,6 +82,7 @@ def test_step_time_quick(tmp_path):
     k = rows["ours-central"]["K"]
     assert rows["ours-central"]["forwards_per_step"] == 2 * k == rows["mezo-style"]["forwards_per_step"]
     assert rows["ours-forward"]["forwards_per_step"] == k + 1
+    assert rows["ours-central-rademacher"]["forwards_per_step"] == 2 * k  # the same step, ±1 directions
     assert all(r["step_s"] > 0 and 0 <= r["outside_forward_share"] < 1 for r in rows.values())
     assert rows["mezo-style"]["speedup_vs_mezo_style"] == 1.0
     assert [t["pass"] for t in report["targets"]] == [None] * 5  # GPU targets not judged on CPU, CPU ones not quick
