@@ -283,3 +283,23 @@ def test_collectives_on_two_gloo_ranks():
     outputs = [p.communicate(timeout=TIMEOUT) for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs
     assert [out.strip() for out, _ in outputs] == ["rank 0: ok", "rank 1: ok"]
+
+
+def test_scaling_benchmark_quick(tmp_path):
+    """``bench/scaling.py --quick`` end to end (real torchrun jobs on a tiny BERT): the recorded CPU run's
+    code path cannot rot between runs. Checks the output's shape and the replicas' agreement, not speed."""
+    out = tmp_path / "scaling.json"
+    job = subprocess.run(
+        [sys.executable, str(HERE.parent / "bench" / "scaling.py"), "--quick", "--out", str(out)],
+        env=env(), capture_output=True, text=True, timeout=3 * TIMEOUT,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    rows = {(r["axis"], r["ranks"]): r for r in doc["results"]}
+    assert set(rows) == {(None, 1), ("directions", 2), ("data", 2)}
+    for row in rows.values():
+        assert row["replicas_identical"]["all"]  # the shipped mode: every rank holds the same θ
+        assert row["all"]["step_s"] > 0 and row["trainable_numel"] == doc["setting"]["trainable_numel"]
+    assert not rows[("directions", 2)]["replicas_identical"]["own"]  # what the mode we do not ship breaks
+    assert all(s["comm_bytes"] > 0 for s in rows[("directions", 2)]["per_step"])
+    assert out.with_suffix(".png").stat().st_size > 0 and "speed-up" in job.stdout
