@@ -28,6 +28,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def refused(capsys):
+    """``refused(argv, needle)``: the trainer (or ``main=``) exits 2 with one ``error:`` line that names
+    ``needle``, and nothing else on stderr: the project's rule for bad input (no traceback, no usage dump)."""
+
+    def check(argv: list[str], needle: str, main=None) -> None:
+        if main is None:
+            from dpzo_engine.train import main
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], (code, err)
+
+    return check
+
+
 POSITIVE = ["good", "great", "lovely", "happy", "excellent", "fun", "nice", "best"]
 NEGATIVE = ["bad", "awful", "sad", "terrible", "boring", "worst", "ugly", "poor"]
 

@@ -182,12 +182,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("extra", "needle"), BAD_INPUTS)
-def test_bad_flags_fail_cleanly(assets, tmp_path, capsys, extra, needle):
+def test_bad_flags_fail_cleanly(assets, tmp_path, refused, extra, needle):
     out = tmp_path / "run"
-    code = train_main([*base_args(assets, out), *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    refused([*base_args(assets, out), *extra], needle)
     assert not out.exists()
 
 
@@ -198,7 +195,7 @@ def test_bad_sample_rate_alone(assets, tmp_path, capsys):
     assert "--sample-rate" in capsys.readouterr().err
 
 
-def test_missing_and_malformed_inputs(assets, tmp_path, capsys):
+def test_missing_and_malformed_inputs(assets, tmp_path, refused):
     cases = []
     args = base_args(assets, tmp_path / "a")
     cases.append(([*args[:1], str(tmp_path / "nope"), *args[2:]], "nope"))  # missing model path
@@ -212,9 +209,7 @@ def test_missing_and_malformed_inputs(assets, tmp_path, capsys):
         (bad / f"{split}.csv").write_text("words,stars\nhello,1\n")
     cases.append(([*args[:5], str(bad), *args[6:]], "csv"))  # malformed data
     for argv, needle in cases:
-        assert train_main(argv) == 2, argv
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+        refused(argv, needle)
     assert not (tmp_path / "a").exists()
 
 
