@@ -137,6 +137,17 @@ def test_make_checks_its_arguments(kw, needle):
         dpzo_engine.PrivateZO.make(nn.Linear(8, 2), **args)
 
 
+class TokenModel(nn.Module):
+    """The smallest model that takes token ids, as a language model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(16, 4), nn.Linear(4, 2)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(input_ids).mean(1))
+
+
 @pytest.mark.parametrize("method", ["dp-aggzo", "dpzero", "dp-aggzo-perdir", "dp-zoso", "dp-zopo", "mezo"])
 def test_an_option_left_unset_means_what_it_means_on_the_command_line(method):
     """``PrivateZO.make(method=m)`` with nothing else set runs the method the CLI's ``--method m`` runs:
@@ -148,7 +159,7 @@ def test_an_option_left_unset_means_what_it_means_on_the_command_line(method):
     cli = validate(TrainConfig(method=method, steps=steps)).zo_options()
 
     def run(**options) -> dpzo_engine.PrivateZO:
-        model = nn.Linear(8, 2)
+        model = TokenModel()  # DP-ZOPO's data-free mask scores a model on token ids
         return dpzo_engine.PrivateZO.make(
             model, num_examples=512, steps=steps, batch_size=64, epsilon=2.0, method=method, **options
         )
@@ -157,6 +168,13 @@ def test_an_option_left_unset_means_what_it_means_on_the_command_line(method):
     as_cli = run(**{f.name: getattr(cli, f.name) for f in dataclasses.fields(cli) if f.name != "method"})
     assert api.header() == as_cli.header()
     assert api.options.num_directions == cli.num_directions and api.options.lr == cli.lr
+
+
+def test_dp_zopo_on_a_model_without_token_inputs_is_refused_up_front():
+    """DP-ZOPO's data-free mask scores the model on one token (``model(input_ids=...)``): a model that
+    takes no token ids gets one line when the run is made, not a TypeError from inside torch at step 1."""
+    with pytest.raises(ConfigError, match="dp-zopo's data-free mask needs a model that takes input_ids"):
+        make(nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)), method="dp-zopo", noise_seed=None)
 
 
 def test_dpzero_takes_one_direction_in_the_api_too():

@@ -34,6 +34,7 @@ one-bit mask with its multiplier, so they cost ``rank_bins`` bits per parameter 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -563,6 +564,21 @@ def check_options(keep_fraction: float, strategy: str, queries: int, rank_bins: 
         raise ConfigError(f"--rank-bins must be an integer in [0, 16] (0: plain mask), got {rank_bins!r}")
 
 
+def check_token_model(model: nn.Module) -> None:
+    """The data-free score calls ``model(input_ids=...)`` (``data_free_objective``): refuse, when the run is
+    made, a model whose forward cannot take token ids (a user's own module through the Python API)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature: let the first score say what is wrong
+        return
+    if "input_ids" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    raise ConfigError(
+        f"dp-zopo's data-free mask needs a model that takes input_ids (a token model); "
+        f"{type(model).__name__}.forward takes ({', '.join(params)}): use dp-zoso or dp-aggzo"
+    )
+
+
 class MaskPolicy:
     """When and how the mask changes: static, dynamic or incremental (module docstring)."""
 
@@ -583,6 +599,7 @@ class MaskPolicy:
         chunk: int = CHUNK,
     ):
         check_options(keep_fraction, strategy, queries, rank_bins)
+        check_token_model(model)
         if chunk % 8:
             raise ValueError("chunk must be a multiple of 8")
         self.model, self.flat = model, flat
