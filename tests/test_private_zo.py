@@ -129,11 +129,23 @@ def test_misuse_is_refused_with_one_clear_message(name, misuse, needle):
         ({"lr_rate": 0.1}, "unknown option 'lr_rate'"),
         ({"batch_size": 10_000}, "batch_size must be in"),
         ({"method": "sgd"}, "method must be one of"),
+        # every ZOOptions field, under its own name, when the run is made (not at the first step, or never)
+        ({"num_directions": 10**6}, "num_directions must be an integer in [1, 4095]"),
+        ({"num_directions": 2.5}, "num_directions must be an integer in [1, 4095]"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"zo_eps": 0.0}, "zo_eps must be a finite number > 0"),
+        ({"clip": float("inf")}, "clip must be a finite number > 0"),
+        ({"difference": "backward"}, "difference must be one of central, forward"),
+        ({"direction_kind": "uniform"}, "direction_kind must be one of gaussian, rademacher"),
+        ({"rounding": "up"}, "rounding must be one of auto, nearest, stochastic"),
+        ({"backend": "gpu"}, "backend must be one of auto, reference, cpu, triton"),
+        ({"max_weight_growth": 0.5}, "max_weight_growth must be 0"),
+        ({"seed": -1}, "seed must be an integer in [0, 2**64)"),
     ],
 )
 def test_make_checks_its_arguments(kw, needle):
     args = {"num_examples": 512, "steps": 3, "batch_size": 64, **kw}
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         dpzo_engine.PrivateZO.make(nn.Linear(8, 2), **args)
 
 

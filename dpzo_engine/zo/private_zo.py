@@ -36,6 +36,7 @@ comes from there. The other ranks hold ``PrivacyPlan.replica`` (no secret, no ε
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -44,12 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import ops
 from ..core import stream
 from ..core.errors import ConfigError
 from ..core.flat import FlatParams
 from ..privacy import GaussianMechanism
 from ..privacy.plan import PrivacyPlan
-from .engine import ZOEngine
+from .engine import DIFFERENCES, ZOEngine
 from .guard import DEFAULT_MAX_GROWTH, DivergenceGuard, check_perturbation_scale
 from .parallel import Comm
 from .rules import MeZORule, PrivateRule
@@ -104,10 +106,34 @@ class ZOOptions:
         for name, default in resolved.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)  # frozen: filled once, here
-        if self.method == "dpzero" and self.num_directions != 1:
+        self._check()
+
+    def _check(self) -> None:
+        """Every field under its own name, when the run is made (the CLI checks its flags before this)."""
+        k, most = self.num_directions, ops.MAX_DIRECTIONS_PER_PASS - 1
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
+            raise ConfigError(f"num_directions must be an integer in [1, {most}], got {k!r}")
+        if self.method == "dpzero" and k != 1:
             raise ConfigError("method dpzero uses one direction per step; leave num_directions unset or set it to 1")
-        if self.clip_mode not in ("joint", "per_direction"):
-            raise ConfigError(f"clip_mode must be 'joint' or 'per_direction'; got {self.clip_mode!r}")
+        for name in ("lr", "zo_eps", "clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        choices = {
+            "clip_mode": ("joint", "per_direction"),
+            "difference": DIFFERENCES,
+            "direction_kind": stream.KINDS,
+            "rounding": ("auto", *ops.ROUNDINGS),
+            "backend": ops.BACKENDS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        g = self.max_weight_growth
+        if isinstance(g, bool) or not isinstance(g, int | float) or not (g == 0 or (math.isfinite(g) and g > 1)):
+            raise ConfigError(f"max_weight_growth must be 0 (finiteness only) or a finite number > 1, got {g!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
     def stage_options(self, steps: int) -> StageOptions:
         """The stage schedule when ``stages`` is not given: DP-ZOSO's and DP-ZOPO's defaults, else none."""
