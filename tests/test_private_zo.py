@@ -129,6 +129,7 @@ def test_misuse_is_refused_with_one_clear_message(name, misuse, needle):
         ({"lr_rate": 0.1}, "unknown option 'lr_rate'"),
         ({"batch_size": 10_000}, "batch_size must be in"),
         ({"method": "sgd"}, "method must be one of"),
+        ({"epsilon": None}, "method dp-aggzo is private: give epsilon, or method='mezo'"),
         # every ZOOptions field, under its own name, when the run is made (not at the first step, or never)
         ({"num_directions": 10**6}, "num_directions must be an integer in [1, 4095]"),
         ({"num_directions": 2.5}, "num_directions must be an integer in [1, 4095]"),

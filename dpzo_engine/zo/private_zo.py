@@ -226,6 +226,8 @@ class PrivateZO:
             raise ConfigError(f"unknown option {unknown[0]!r}; ZOOptions has {', '.join(ZO_OPTION_NAMES)}")
         model.eval()
         opts = ZOOptions(**options)
+        if opts.private and epsilon is None:
+            raise ConfigError(f"method {opts.method} is private: give epsilon, or method='mezo' to train without it")
         plan = PrivacyPlan.create(
             num_examples,
             steps=steps,
