@@ -140,6 +140,30 @@ def test_direction_axis_is_bit_exact(assets, reference, tmp_path):
     assert job.stdout.count("fine-tuned") == 1  # the summary is printed by rank 0 alone
 
 
+def test_direction_axis_is_bit_exact_on_a_lora_adapter(assets, tmp_path):
+    """--peft lora under torchrun: the flat buffer is the adapter (and the classifier PEFT saves beside
+    it), and 2 ranks splitting the directions release and save exactly what 1 rank does."""
+    lora = ("--peft", "lora", "--lora-r", "2", "--trainable", "none", "--steps", "4")
+    one, two = tmp_path / "one", tmp_path / "two"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank
+    try:
+        with pytest.warns(UserWarning, match="NOT differentially private"):
+            assert train_main(train_args(assets, one, *lora)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    job = torchrun(2, train_args(assets, two, *lora, "--parallel", "directions"))
+    assert job.returncode == 0, job.stderr[-3000:]
+    (head, rows), (ref_head, ref_rows) = ledger(two), ledger(one)
+    assert rows == ref_rows and len(rows) == 4
+    head.pop("layout"), ref_head.pop("layout")
+    adapter, ref_adapter = weights(two), weights(one)
+    assert head == ref_head and head["trainable_numel"] == sum(v.numel() for v in adapter.values())
+    assert (two / "model" / "adapter_config.json").exists()
+    assert adapter.keys() == ref_adapter.keys() and any("lora_" in k for k in adapter)
+    assert all(torch.equal(adapter[k], ref_adapter[k]) for k in adapter)
+
+
 @pytest.mark.parametrize(
     "nproc, layout",
     [(2, ["--parallel", "data"]), (4, ["--parallel", "2d", "--direction-ranks", "2"])],
