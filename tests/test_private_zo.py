@@ -233,6 +233,26 @@ def test_state_round_trip_continues_exactly():
     assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), second.parameters()))
 
 
+@pytest.mark.parametrize(
+    ("changed", "needle"),
+    [({"num_directions": 8}, "num_directions"), ({"lr": 0.1}, "lr"), ({"method": "dp-zoso"}, "method")],
+)
+def test_a_state_from_another_configuration_is_refused(changed, needle):
+    """The API's counterpart of resuming a run directory with another config: one line naming the option,
+    not a run that silently continues with other K, η or method (the backend may change: same bits)."""
+    x, y = blobs()
+    model = nn.Linear(8, 2)
+    zo = make(model, steps=10)
+    idx = zo.sample()
+    zo.step(ce(model), x[idx], y[idx])
+    state = zo.state_dict()
+    with pytest.raises(ConfigError, match=f"this state was saved with {needle}="):
+        make(nn.Linear(8, 2), steps=10, **changed).load_state_dict(state)
+    make(nn.Linear(8, 2), steps=10, backend="cpu").load_state_dict(state)  # another backend: the same bits
+    legacy = {k: v for k, v in state.items() if k != "options"}  # saved before states held their options
+    make(nn.Linear(8, 2), steps=10).load_state_dict(legacy)
+
+
 def test_the_trainer_steps_through_the_api():
     """The CLI is a user of PrivateZO, not a second implementation."""
     from dpzo_engine.run.session import Session

@@ -326,16 +326,33 @@ class PrivateZO:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Public state to resume from (the parameters are the model's): step, accounting, schedule."""
+        """Public state to resume from (the parameters are the model's): step, accounting, schedule, and
+        the options it was made with (``load_state_dict`` refuses a run made with others)."""
         counter = self.engine.counter
         return {
             "step": self.steps_done,
             "privacy": self.plan.state_dict(),
             "counter": (counter.passes, counter.forwards, counter.direction_values),
             "stagewise": self.stages.state_dict(),
+            "options": self._identity(),
         }
 
+    def _identity(self) -> dict:
+        """The options a resumed run must share with the run that saved its state: all but the backend
+        (every backend gives the same bits) and the divergence band (bookkeeping); stages resolved."""
+        options = dataclasses.asdict(dataclasses.replace(self.options, stages=None))
+        for key in ("backend", "max_weight_growth", "stages"):
+            options.pop(key)
+        return options | {"stages": dataclasses.asdict(self.options.stage_options(self.steps))}
+
     def load_state_dict(self, state: dict) -> None:
+        saved, mine = state.get("options"), self._identity()  # states saved before they held options: no check
+        for key, value in (saved or {}).items():
+            if mine.get(key) != value:
+                raise ConfigError(
+                    f"this state was saved with {key}={value!r}; this run has {key}={mine.get(key)!r}: "
+                    "make the run with the options it was saved with"
+                )
         self.steps_done = int(state["step"])
         self.plan.load_state_dict(state["privacy"])
         counts = (*state["counter"], 0)[:3]  # checkpoints from before direction values were counted hold two
