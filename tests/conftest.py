@@ -30,12 +30,11 @@ def one_thread():
 
 @pytest.fixture
 def refused(capsys):
-    """``refused(argv, needle)``: the trainer (or ``main=``) exits 2 with one ``error:`` line that names
-    ``needle``, and nothing else on stderr: the project's rule for bad input (no traceback, no usage dump)."""
+    """``refused(argv, needle)``: the trainer exits 2 with one ``error:`` line that names ``needle``, and
+    nothing else on stderr: the project's rule for bad input (no traceback, no usage dump)."""
+    from dpzo_engine.train import main
 
-    def check(argv: list[str], needle: str, main=None) -> None:
-        if main is None:
-            from dpzo_engine.train import main
+    def check(argv: list[str], needle: str) -> None:
         code = main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], (code, err)

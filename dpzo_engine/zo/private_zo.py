@@ -340,9 +340,8 @@ class PrivateZO:
     def _identity(self) -> dict:
         """The options a resumed run must share with the run that saved its state: all but the backend
         (every backend gives the same bits) and the divergence band (bookkeeping); stages resolved."""
-        options = dataclasses.asdict(dataclasses.replace(self.options, stages=None))
-        for key in ("backend", "max_weight_growth", "stages"):
-            options.pop(key)
+        options = dataclasses.asdict(self.options)
+        del options["backend"], options["max_weight_growth"]
         return options | {"stages": dataclasses.asdict(self.options.stage_options(self.steps))}
 
     def load_state_dict(self, state: dict) -> None:
