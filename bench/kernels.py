@@ -14,6 +14,8 @@ Targets are ratios measured in one run on one machine (docs/design.md section 8)
   MeZO-style loop (per direction ``torch.manual_seed``, then ``torch.normal`` + ``add_`` per tensor)
   over the same tensors: the encoder layers of all-MiniLM-L6-v2 (>= 4x).  Rademacher passes and a
   torch copy of the buffer are context.  The PyTorch reference is the spec, not a speed anchor.
+  Context for the step benchmark: the three passes of a central-difference step (enter, flip,
+  leave-and-enter) on one thread over 4.31 M fp32 weights, with and without the direction cache.
 * Both: bf16 drift of one step's perturb/restore passes, ours fused (2K+1 roundings) against
   MeZO's +λ/−2λ/+λ (3K), through the engine's own passes (``dpzo_engine.zo.drift``).
 
@@ -58,6 +60,7 @@ CPU_DIRECTIONS, CPU_DIRECTIONS_QUICK = [1, 8, 65], [1, 65]
 CPU_VALUES, CPU_VALUES_QUICK = 10_000_000, 200_000  # Gaussian values per timed call
 CPU_LAYERS, CPU_LAYERS_QUICK = 6, 1  # MiniLM-L6 encoder layers: 10.6 M parameters in 96 tensors (quick: 1)
 CPU_REPS, CPU_REPS_QUICK = 5, 1
+STEP_WEIGHTS, STEP_WEIGHTS_QUICK = 4_310_000, 100_000  # bench/step_time.py's CPU model: RoBERTa-shaped, 4.3 M
 TARGET_CPU_VALUES_VS_NORMAL = 4.0
 TARGET_CPU_J65_VS_MEZO = 4.0
 
@@ -532,6 +535,60 @@ def bench_apply_vs_mezo(shapes: list[tuple[int, ...]], directions: Sequence[int]
     return rows
 
 
+class CachedPasses:
+    """A central step's passes with the direction cache, kept honest: each call leaves the cache holding
+    what the next call says it holds (the kernels trust it)."""
+
+    def __init__(self, buf: torch.Tensor):
+        self.buf, self.values = buf, torch.empty_like(buf)
+        self.held, self.other = MASTER_SEED, MASTER_SEED + 1
+        self._pass([self.held], [COEF], None, 0)
+
+    def _pass(self, seeds: list[int], coefs: list[float], read: int | None, write: int | None) -> None:
+        cache = ops.DirectionCache(self.values, read=read, write=write)
+        ops.apply_directions(self.buf, torch.tensor(seeds), torch.tensor(coefs), backend="cpu", cache=cache)
+
+    def enter(self) -> None:  # generate and keep
+        self._pass([self.held], [COEF], None, 0)
+
+    def flip(self) -> None:  # load
+        self._pass([self.held], [-2 * COEF], 0, None)
+
+    def leave_and_enter(self) -> None:  # load one, generate and keep the next
+        self._pass([self.held, self.other], [COEF, COEF], 0, 1)
+        self.held, self.other = self.other, self.held
+
+
+def bench_step_passes(n: int, reps: int) -> dict:
+    """The passes of a central-difference step, one thread, without and with the direction cache (ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        buf = torch.zeros(n)
+        cached = CachedPasses(torch.zeros(n))
+        s1, s2 = torch.tensor([MASTER_SEED]), torch.tensor([MASTER_SEED, MASTER_SEED + 1])
+        c1, c2 = torch.tensor([COEF]), torch.tensor([COEF, COEF])
+        wall, _ = best_of(
+            {
+                "enter": lambda: ops.apply_directions(buf, s1, c1, backend="cpu"),
+                "enter, cached": cached.enter,
+                "flip": lambda: ops.apply_directions(buf, s1, -2 * c1, backend="cpu"),
+                "flip, cached": cached.flip,
+                "leave and enter": lambda: ops.apply_directions(buf, s2, c2, backend="cpu"),
+                "leave and enter, cached": cached.leave_and_enter,
+            },
+            reps,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    ms = {name: t * 1e3 for name, t in wall.items()}
+    per_direction = {
+        "plain_ms": ms["flip"] + ms["leave and enter"],
+        "cached_ms": ms["flip, cached"] + ms["leave and enter, cached"],
+    }
+    return {"weights": n, "threads": 1, "pass_ms": ms, "per_direction": per_direction}
+
+
 def bench_cpu(values: int, layers: int, directions: Sequence[int], reps: int) -> tuple[dict, list[dict]]:
     """The CPU targets: Gaussian values/s vs torch.normal, and J = 65 vs a MeZO-style loop, same threads."""
     try:
@@ -543,12 +600,14 @@ def bench_cpu(values: int, layers: int, directions: Sequence[int], reps: int) ->
     gaussian = bench_gaussian_values(values, reps)
     shapes = minilm_layer_shapes(layers)
     apply = bench_apply_vs_mezo(shapes, directions, reps)
+    passes = bench_step_passes(STEP_WEIGHTS if layers == CPU_LAYERS else STEP_WEIGHTS_QUICK, reps)
     results = {
         "threads": torch.get_num_threads(),
         "load_average_1min": {"before": load_before, "after": common.load_average()},
         "gaussian_values": gaussian,
         "mezo_shapes": f"all-MiniLM-L6-v2 encoder, {layers} layer(s) ({len(shapes)} tensors)",
         "apply_vs_mezo": apply,
+        "step_passes": passes,
     }
     return results, cpu_targets(gaussian, apply)
 
@@ -592,6 +651,12 @@ def print_cpu(results: dict) -> None:
             f"{r['speedup_gaussian']:>6.2f} {r['speedup_gaussian_per_cpu_s']:>7.2f} {r['rademacher_ms']:>8.1f}"
             f" {r['speedup_rademacher']:>6.1f} {r['copy_ms_for_scale']:>8.2f}"
         )
+    p = results["step_passes"]
+    print(f"a central step's passes over {p['weights']:,} fp32 weights, one thread (ms):")
+    for name, ms in p["pass_ms"].items():
+        print(f"  {name:>24}: {ms:7.2f}")
+    d = p["per_direction"]
+    print(f"  per direction (flip + leave and enter): {d['plain_ms']:.2f} plain, {d['cached_ms']:.2f} cached")
 
 
 # ---------------------------------------------------------------------------- main

@@ -72,9 +72,11 @@ ZO_EPS, LR, CLIP, SIGMA = 1e-3, 1e-6, 1.0, 1.0
 MASTER_SEED = 0
 TARGET_CENTRAL, TARGET_FORWARD, TARGET_OUTSIDE = 2.0, 3.5, 0.10  # GPU
 TARGET_CPU_CENTRAL, TARGET_CPU_OUTSIDE = 2.0, 0.25  # CPU, one thread
-IMPLEMENTATIONS = ("ours-central", "ours-forward", "ours-central-rademacher", "mezo-style")
+IMPLEMENTATIONS = ("ours-central", "ours-forward", "ours-central-cached", "ours-central-rademacher", "mezo-style")
 # Rademacher directions (±1 from single Philox bits): not the targets' algorithm (the published code draws
 # Gaussians), timed beside it so that a user sees what the Gaussian transform costs in a step.
+# ours-central-cached (CPU): the same step with a direction cache over every weight (--direction-cache-gb):
+# the same bits for one fp32 copy of the weights more memory, 2K - 1 direction values per weight instead of 4K - 1.
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul", "aten::addbmm")
 
 
@@ -128,13 +130,27 @@ class OursStep:
     bound once per step (``StepForward.bind``), its forwards then run 2K (or K + 1) times."""
 
     def __init__(
-        self, flat: FlatParams, forward: StepForward, batch: dict, k: int, difference: str, clock, kind="gaussian"
+        self,
+        flat: FlatParams,
+        forward: StepForward,
+        batch: dict,
+        k: int,
+        difference: str,
+        clock,
+        kind: str = "gaussian",
+        cache_bytes: int = 0,
     ):
         self.flat, self.forward, self.batch, self.clock = flat, forward, batch, clock
-        self.engine = ZOEngine(flat, kind, "auto", difference)
+        self.engine = ZOEngine(flat, kind, "auto", difference, cache_bytes=cache_bytes)
         self.rule = private_rule(k, len(batch["labels"]), self.engine.backend)
         self.k = k
         self.rounding = "stochastic" if self.flat.buffers[0].dtype == torch.bfloat16 else "nearest"
+
+    def direction_values_per_weight(self) -> float:
+        """Direction values generated per weight and step so far (the engine's counter)."""
+        steps = self.engine.counter.passes / (2 * self.k + 1 if self.engine.difference == "central" else self.k + 1)
+        weights = sum(b.numel() for b in self.flat.buffers)
+        return self.engine.counter.direction_values / (weights * steps) if steps else 0.0
 
     def __call__(self, t: int) -> None:
         seeds = stream.step_seeds(MASTER_SEED, t, self.k)
@@ -309,12 +325,14 @@ def bench_model(
     profile: bool = False,
     compiled_forwards: bool | None = None,
     rademacher: bool = False,
+    cached: bool = False,
 ) -> dict:
     """Forwards per second, then the three step implementations at each K, on one random-init model.
     ``compile``: our step's forwards, as the trainer's ``--compile`` (``main`` passes its ``--compile``,
     default auto; the default here, off, keeps callers on a time budget, ``gpu_check``'s step part, free of
     a compilation); ``compiled_forwards``: time a compiled forward in the forwards table too (None: when
-    the step compiles); ``rademacher``: add our central step with Rademacher directions."""
+    the step compiles); ``rademacher``: add our central step with Rademacher directions; ``cached``: add it
+    with a direction cache over every weight (C++ CPU backend)."""
     arch = common.MODELS[name][0]
     masked = arch == "roberta"
     head = "mlm-prompt" if masked else "causal-prompt"
@@ -358,6 +376,9 @@ def bench_model(
         }
         if rademacher:
             steps["ours-central-rademacher"] = OursStep(flat, ours_forward, batch, k, "central", clock, "rademacher")
+        if cached:
+            whole = 4 * sum(b.numel() for b in flat.buffers)
+            steps["ours-central-cached"] = OursStep(flat, ours_forward, batch, k, "central", clock, cache_bytes=whole)
         time_rounds(steps, 1, device, t0=0)  # warm-up: kernels compiled, caches filled
         times = time_rounds(steps, reps, device, t0=1)
         instrumented = {}
@@ -385,6 +406,10 @@ def bench_model(
                     "instrumented_forward_s": ins["forward_s"],
                     "outside_forward_share": 1 - ins["forward_s"] / ins["step_s"],
                     "speedup_vs_mezo_style": wall["mezo-style"]["median"] / wall[impl]["median"],
+                    "direction_values_per_weight": steps[impl].direction_values_per_weight()
+                    if impl.startswith("ours")
+                    else 4 * k,
+                    "direction_cache_mb": steps[impl].engine.cache_nbytes / 1e6 if impl.startswith("ours") else 0.0,
                     "cpu_speedup_vs_mezo_style": cpu["mezo-style"]["median"] / cpu[impl]["median"],
                     # spread of the ratio: per-round ratios of the interleaved repetitions
                     "round_speedups": [m / o for m, o in zip(wall["mezo-style"]["all"], wall[impl]["all"])],
@@ -409,6 +434,8 @@ def evaluate_targets(models: list[dict], gpu: bool, cpu: bool = False) -> list[d
     forward = [r["speedup_vs_mezo_style"] for r in rows if r["implementation"] == "ours-forward"]
     outside = [r["outside_forward_share"] for r in rows if r["implementation"] in ("ours-central", "ours-forward")]
     outside_central = [r["outside_forward_share"] for r in rows if r["implementation"] == "ours-central"]
+    cached = [r["speedup_vs_mezo_style"] for r in rows if r["implementation"] == "ours-central-cached"]
+    outside_cached = [r["outside_forward_share"] for r in rows if r["implementation"] == "ours-central-cached"]
     return [
         target("MeZO-style / ours (central differences), worst case", central, TARGET_CENTRAL, ">= 2x", True, gpu),
         target("MeZO-style / ours (forward differences), worst case", forward, TARGET_FORWARD, ">= 3.5x", True, gpu),
@@ -418,6 +445,10 @@ def evaluate_targets(models: list[dict], gpu: bool, cpu: bool = False) -> list[d
                ">= 2x", True, cpu),
         target("CPU, one thread: our central step outside the forward passes, worst K", outside_central,
                TARGET_CPU_OUTSIDE, "<= 25%", False, cpu),
+        target("CPU, one thread, with the direction cache (+4 bytes per weight): MeZO-style / ours, worst K",
+               cached, TARGET_CPU_CENTRAL, ">= 2x", True, cpu and bool(cached)),
+        target("CPU, one thread, with the direction cache: outside the forward passes, worst K", outside_cached,
+               TARGET_CPU_OUTSIDE, "<= 25%", False, cpu and bool(cached)),
     ]  # fmt: skip
 
 
@@ -497,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results.append(
             bench_model(
                 name, directions, batch, length, reps, device, dtype, args.compile, args.profile,
-                compiled_forwards=not args.quick and args.compile != "off", rademacher=True,
+                compiled_forwards=not args.quick and args.compile != "off", rademacher=True, cached=not gpu,
             )
         )  # fmt: skip
         if gpu:
@@ -530,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "implementations": {
             "ours-central": "fused engine, central differences: 2K forwards, 2K+1 fused passes",
             "ours-forward": "fused engine, forward differences: K+1 forwards, K+1 fused passes",
+            "ours-central-cached": "as ours-central with a direction cache over every weight (one fp32 copy of "
+            "the weights more memory; the same bits): 2K-1 direction values per weight instead of 4K-1",
             "ours-central-rademacher": "as ours-central with Rademacher directions (not the targets' algorithm: "
             "shows what the Gaussian transform costs)",
             "mezo-style": "torch.manual_seed + torch.normal per tensor, +l/-2l/+l passes, one update pass per "

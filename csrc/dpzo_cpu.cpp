@@ -158,7 +158,8 @@ at::Tensor directions(int64_t seed, int64_t offset, int64_t count, bool rademach
 }
 
 void apply_directions(at::Tensor buf, at::Tensor seeds, at::Tensor coefs, bool rademacher, int64_t offset,
-                      std::optional<at::Tensor> mask, bool stochastic, int64_t rounding_seed) {
+                      std::optional<at::Tensor> mask, bool stochastic, int64_t rounding_seed,
+                      std::optional<at::Tensor> cache, int64_t cache_read, int64_t cache_write) {
   TORCH_CHECK(buf.device().is_cpu() && buf.dim() == 1 && buf.is_contiguous(),
               "apply_directions: buf must be a contiguous 1-D CPU tensor");
   TORCH_CHECK(buf.scalar_type() == at::kFloat || buf.scalar_type() == at::kBFloat16,
@@ -177,6 +178,17 @@ void apply_directions(at::Tensor buf, at::Tensor seeds, at::Tensor coefs, bool r
     TORCH_CHECK(mask_c.device().is_cpu() && mask_c.scalar_type() == at::kByte && mask_c.numel() >= (n + 7) / 8,
                 "apply_directions: mask must be a uint8 CPU tensor of at least ceil(numel / 8) bytes");
   }
+  const bool cached = cache.has_value() && cache->defined();
+  if (cached) {
+    TORCH_CHECK(!rademacher, "apply_directions: the direction cache is for Gaussian directions");
+    TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == at::kFloat && cache->dim() == 1 &&
+                    cache->is_contiguous() && cache->numel() <= n,
+                "apply_directions: cache must be a contiguous float32 CPU tensor of at most numel elements");
+    TORCH_CHECK(cache_read >= -1 && cache_read < seeds.numel() && cache_write >= -1 && cache_write < seeds.numel(),
+                "apply_directions: cache_read and cache_write must be -1 or a direction index");
+    TORCH_CHECK(cache_read < 0 || cache_write < 0 || cache_write > cache_read,
+                "apply_directions: cache_write must come after cache_read");
+  }
   std::vector<Key> keys;
   for (int64_t j = 0; j < seeds_c.numel(); ++j) keys.push_back(make_key(seeds_c.data_ptr<int64_t>()[j]));
   const bool is_bf16 = buf.scalar_type() == at::kBFloat16;
@@ -189,7 +201,11 @@ void apply_directions(at::Tensor buf, at::Tensor seeds, at::Tensor coefs, bool r
                        stochastic && is_bf16,  // fp32 buffers are exact either way
                        make_key(rounding_seed),
                        is_bf16 ? nullptr : buf.data_ptr<float>(),
-                       is_bf16 ? reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>()) : nullptr};
+                       is_bf16 ? reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>()) : nullptr,
+                       cached ? cache->data_ptr<float>() : nullptr,
+                       cached ? cache->numel() : 0,
+                       cached ? cache_read : -1,
+                       cached ? cache_write : -1};
   const Blocks blocks(offset, n);
   const IsaKernels& k = kernels();
   const int nthreads = num_threads_for(blocks.count);
@@ -294,7 +310,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("apply_directions", &dpzo::apply_directions, "buf += sum_j coefs[j] * z_j in one pass (in place)",
         py::arg("buf"), py::arg("seeds"), py::arg("coefs"), py::arg("rademacher"), py::arg("offset"),
-        py::arg("mask"), py::arg("stochastic"), py::arg("rounding_seed"), py::call_guard<py::gil_scoped_release>());
+        py::arg("mask"), py::arg("stochastic"), py::arg("rounding_seed"), py::arg("cache") = py::none(),
+        py::arg("cache_read") = -1, py::arg("cache_write") = -1, py::call_guard<py::gil_scoped_release>());
   m.def("clip_aggregate", &dpzo::clip_aggregate, "Per-example clip and column sums (fp64)", py::arg("D"),
         py::arg("clip"), py::arg("scale"), py::arg("per_direction"), py::call_guard<py::gil_scoped_release>());
   m.def("_box_muller", &dpzo::box_muller, "Testing hook: the Gaussian transform of given uniforms", py::arg("ua"),

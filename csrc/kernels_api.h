@@ -29,6 +29,13 @@ struct ApplyPlan {
   Key rounding_key;
   float* buf_f32;  // exactly one of the two buffers is set
   uint16_t* buf_bf16;
+  // Direction cache (Gaussian only; see apply_gaussian): fp32 values of buffer elements [0, cache_len), or
+  // nullptr.  cache_read: the direction it holds on entry (-1: none used); cache_write: the direction it
+  // must hold on return (-1: none).
+  float* cache;
+  int64_t cache_len;
+  int64_t cache_read;
+  int64_t cache_write;
 };
 
 // One instruction-set build of the kernels.  Every build performs the same IEEE fp32 operations (no FMA), so

@@ -85,7 +85,13 @@ def test_step_time_quick(tmp_path):
     assert rows["ours-central-rademacher"]["forwards_per_step"] == 2 * k  # the same step, ±1 directions
     assert all(r["step_s"] > 0 and 0 <= r["outside_forward_share"] < 1 for r in rows.values())
     assert rows["mezo-style"]["speedup_vs_mezo_style"] == 1.0
-    assert [t["pass"] for t in report["targets"]] == [None] * 5  # GPU targets not judged on CPU, CPU ones not quick
+    assert [t["pass"] for t in report["targets"]] == [None] * 7  # GPU targets not judged on CPU, CPU ones not quick
+    cached = rows["ours-central-cached"]  # the same step with the direction cache: half the generated values
+    assert cached["forwards_per_step"] == 2 * k and cached["direction_cache_mb"] > 0
+    assert (
+        cached["direction_values_per_weight"] == 2 * k - 1
+        and rows["ours-central"]["direction_values_per_weight"] == 4 * k - 1
+    )
     forwards = report["results"][0]["forwards"]
     assert set(forwards) == {"plain", "published", "ours-whole-block", "ours-eager"}  # quick: no compilation
     assert all(f["forwards_per_s"] > 0 for f in forwards.values())
@@ -109,3 +115,6 @@ def test_kernel_benchmark_cpu_quick(tmp_path):
     assert [r["J"] for r in results["apply_vs_mezo"]] == bench.CPU_DIRECTIONS_QUICK
     assert results["mezo_shapes"] == "all-MiniLM-L6-v2 encoder, 1 layer(s) (2 tensors)"
     assert results["load_average_1min"]["before"] is not None
+    passes = results["step_passes"]  # a central step's passes, with and without the direction cache
+    assert set(passes["pass_ms"]) == {f"{p}{c}" for p in ("enter", "flip", "leave and enter") for c in ("", ", cached")}
+    assert all(ms > 0 for ms in passes["pass_ms"].values()) and passes["threads"] == 1

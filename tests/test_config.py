@@ -176,6 +176,7 @@ def test_a_config_built_in_python_gets_the_same_checks():
         ("adamw", {"zo_eps": 1e-2}, "--zo-eps applies to the zeroth-order methods"),
         ("dp-adamw", {"difference": "forward"}, "--difference applies to the zeroth-order methods"),
         ("dp-adamw", {"direction_kind": "rademacher"}, "--direction-kind applies to the zeroth-order methods"),
+        ("adamw", {"direction_cache_gb": 1.0}, "--direction-cache-gb applies to the zeroth-order methods"),
     ],
 )
 def test_a_flag_the_method_would_ignore_is_refused(method, given, needle):
@@ -241,3 +242,19 @@ def test_option_types_are_limited_to_what_files_and_flags_can_carry():
 
     with pytest.raises(TypeError, match="option types"):
         options.flags(Bad)
+
+
+@pytest.mark.parametrize(
+    "given, needle",
+    [
+        ({"direction_cache_gb": -1.0}, "--direction-cache-gb must be a finite number >= 0"),
+        ({"direction_cache_gb": float("inf")}, "--direction-cache-gb must be a finite number >= 0"),
+        ({"direction_cache_gb": 1.0, "direction_kind": "rademacher"}, "Rademacher signs cost less to generate"),
+    ],
+)
+def test_direction_cache_flag_is_checked(given, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(TrainConfig(**given))
+    cfg = validate(TrainConfig(direction_cache_gb=0.5))
+    assert cfg.zo_options().direction_cache_gb == 0.5
+    assert "direction_cache_gb" not in cfg.identity()  # the same bits: a resume may change it

@@ -268,6 +268,76 @@ def test_apply_special_values(dtype, rounding):
         assert_bit_equal(cpu, ref)
 
 
+# ---------------------------------------------------------------------------- direction cache
+# A DirectionCache trades memory for generation and must never change a bit: every pass below runs with the
+# cache and without it (reference), on every ISA build, and the written cache must equal the stream exactly.
+
+
+def cached_pass(buf, seeds, coefs, values, read, write, isa, **kwargs):
+    cache = ops.DirectionCache(values, read=read, write=write)
+    with forced_isa(isa):
+        return ops.apply_directions(buf, seeds, coefs, "gaussian", backend="cpu", cache=cache, **kwargs)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("size", [1, 127, 4099, 20_011])
+def test_cached_pass_sequence_bit_exact(rounding, dtype, offset, size):
+    """The engine's central-difference sequence (enter, flip, leave and enter, update) with a cache over part
+    of the buffer, a cache over all of it, and none: the same bits, and the cache holds the stream."""
+    gen = torch.Generator().manual_seed(size + offset % 997)
+    start = (torch.randn(size, generator=gen) * 2).to(dtype)
+    s1, s2 = stream.to_int64(2**63 + 5), -77
+    passes = [  # (seeds, coefs, read, write)
+        ([s1], [1e-2], None, 0),
+        ([s1], [-2e-2], 0, None),
+        ([s1, s2], [1e-2, 1e-2], 0, 1),
+        ([s2], [-2e-2], 0, None),
+        ([s1, s2], [-3e-3, 1e-2 + 4e-3], 1, None),
+    ]
+    kwargs = dict(offset=offset, rounding=rounding, rounding_seed=12)
+    ref = start.clone()
+    for seeds, coefs, _, _ in passes:
+        ops.apply_directions(ref, seeds_tensor(seeds), torch.tensor(coefs), "gaussian", backend="reference", **kwargs)
+    for length in sorted({0, 1, size // 2, size - 1, size} & set(range(size + 1))):
+        for isa in ISAS:
+            buf, values = start.clone(), torch.full((length,), float("nan"))
+            for seeds, coefs, read, write in passes:
+                cached_pass(buf, seeds_tensor(seeds), torch.tensor(coefs), values, read, write, isa, **kwargs)
+                if write is not None:
+                    assert_bit_equal(values, ops.directions(seeds[write], offset, length, backend="reference"))
+            assert_bit_equal(buf, ref)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cache_is_read_where_it_covers_whole_vectors(isa):
+    """A cache that lies (zeros) shows where the kernels load instead of generating: inside, away from the
+    two ends of the buffer and of the cache; the values there come from the cache alone."""
+    n, offset = 10_000, 2**33 + 3
+    buf = torch.zeros(n)
+    cached_pass(buf, seeds_tensor([9]), torch.tensor([1.0]), torch.zeros(6000), 0, None, isa, offset=offset)
+    generated = ops.directions(9, offset, n, backend="reference")
+    loaded = buf == 0
+    assert loaded[1024:5000].all()  # well inside both: loaded from the (zero) cache
+    assert torch.equal(buf[6000:], generated[6000:])  # outside the cache: generated
+    assert torch.equal(buf[~loaded], generated[~loaded])
+
+
+def test_direction_cache_rejects_bad_use():
+    buf, seeds, coefs = torch.zeros(100), seeds_tensor([1, 2]), torch.tensor([1.0, 1.0])
+    bad = [
+        (ops.DirectionCache(torch.zeros(101)), "cpu", "gaussian", "no longer than the buffer"),
+        (ops.DirectionCache(torch.zeros(10, dtype=torch.float64)), "cpu", "gaussian", "float32"),
+        (ops.DirectionCache(torch.zeros(10), read=2), "cpu", "gaussian", "one of the pass's 2 directions"),
+        (ops.DirectionCache(torch.zeros(10), read=1, write=0), "cpu", "gaussian", "after"),
+        (ops.DirectionCache(torch.zeros(10), write=0), "cpu", "rademacher", "Gaussian"),
+    ]
+    for cache, backend, kind, needle in bad:
+        with pytest.raises(ValueError, match=needle):
+            ops.apply_directions(buf, seeds, coefs, kind, backend=backend, cache=cache)
+
+
 def test_stochastic_rounding_is_unbiased_for_tiny_updates():
     """Updates below half a bf16 ulp survive on average (they vanish with nearest)."""
     n = 200_000

@@ -142,6 +142,9 @@ def test_misuse_is_refused_with_one_clear_message(name, misuse, needle):
         ({"backend": "gpu"}, "backend must be one of auto, reference, cpu, triton"),
         ({"max_weight_growth": 0.5}, "max_weight_growth must be 0"),
         ({"seed": -1}, "seed must be an integer in [0, 2**64)"),
+        ({"direction_cache_gb": -0.1}, "direction_cache_gb must be a finite number >= 0"),
+        ({"direction_cache_gb": 1, "direction_kind": "rademacher"}, "Rademacher signs cost less to generate"),
+        ({"direction_cache_gb": 1, "backend": "triton"}, "direction_cache_gb: the direction cache serves Gaussian"),
     ],
 )
 def test_make_checks_its_arguments(kw, needle):

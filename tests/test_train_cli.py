@@ -82,6 +82,33 @@ def test_replay_reproduces_the_model(assets, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.filterwarnings("ignore::dpzo_engine.privacy.NotPrivateWarning")  # the debug seed, on purpose
+def test_direction_cache_trains_the_same_bits_with_half_the_direction_values(assets, tmp_path, capsys):
+    """--direction-cache-gb (a cache over part of the weights, then all of them) releases the same values and
+    saves the same model as a run without it (a debug noise seed makes the noise repeat); the metrics show the
+    generation it saved, 2K - 1 values per weight instead of 4K - 1, and a replay without the cache verifies it."""
+    seeded = ("--steps", "4", "--noise-seed", "5")
+    assert train_main(base_args(assets, tmp_path / "plain", *seeded)) == 0
+    plain = [json.loads(x) for x in (tmp_path / "plain" / "ledger.jsonl").read_text().splitlines()]
+    weights = plain[0]["trainable_numel"]
+    for name, gb in (("part", 4 * (weights // 3) / 1e9), ("all", 1.0)):
+        out = tmp_path / name
+        capsys.readouterr()
+        assert train_main(base_args(assets, out, *seeded, "--direction-cache-gb", f"{gb!r}")) == 0
+        assert "direction cache:" in capsys.readouterr().err
+        ledger = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+        assert ledger[1:] == plain[1:] and ledger[1]["released"]
+        a = load_file(next((out / "model").glob("*.safetensors")))
+        b = load_file(next((tmp_path / "plain" / "model").glob("*.safetensors")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        summary = json.loads((out / "summary.json").read_text())
+        per_weight = summary["direction_values_per_weight_step"]
+        assert per_weight == 3.0 if name == "all" else 3.0 < per_weight < 7.0  # K = 2
+    from dpzo_engine.replay import main as replay_main
+
+    assert replay_main([str(tmp_path / "all"), "--verify"]) == 0
+
+
 def test_run_trained_with_triton_replays_bit_for_bit_on_the_cpu(assets, tmp_path):
     """Stream v2: a run made with the Triton kernels (the interpreter here, a GPU in production) rebuilds
     exactly from its ledger with the C++ kernels and with the PyTorch reference."""

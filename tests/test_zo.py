@@ -144,3 +144,88 @@ def test_per_direction_mechanism_has_sqrt_k_sensitivity():
     assert m.sensitivity == pytest.approx(2.0 * math.sqrt(16))
     j = GaussianMechanism(1.0, 2.0, 16, "joint", generator=SecretGenerator(bytes(32)))
     assert j.sensitivity == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------- direction cache
+def two_buffer_model() -> nn.Module:
+    """An fp32 and a bf16 buffer, the second larger than the partial cache below reaches."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 300).to(torch.bfloat16))
+
+
+def steps_with_cache(cache_bytes: int, difference: str, K: int, backend: str, steps: int = 3):
+    model = two_buffer_model()
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(1))
+
+    def loss() -> torch.Tensor:
+        h = model[0](x)
+        return model[1](h.to(torch.bfloat16)).float().pow(2).mean(dim=1)
+
+    engine = ZOEngine(FlatParams(model), backend=backend, difference=difference, cache_bytes=cache_bytes)
+    Ds = []
+    for step in range(steps):
+        seeds = stream.step_seeds(11, step, K)
+        D = engine.estimate(loss, seeds, 1e-2)
+        engine.finish(seeds, 1e-2, [1e-3 * (k + 1) * (-1) ** k for k in range(K)], "stochastic", rounding_seed=step)
+        Ds.append(D)
+    return engine, [b.clone() for b in engine.flat.buffers], torch.stack(Ds)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("difference", ["central", "forward"])
+@pytest.mark.parametrize("K", [1, 2, 5])
+def test_direction_cache_changes_no_bit(backend, difference, K):
+    """Steps with the cache over everything, over part of the first buffer, and without: the same D and θ
+    bits; the cache cuts the generated values per weight from 4K - 1 (3K - 1) to 2K - 1."""
+    if backend == "cpu":
+        pytest.importorskip("dpzo_engine.ops.cpu_backend").ensure_available()
+    plain, theta, D = steps_with_cache(0, difference, K, backend)
+    weights = sum(b.numel() for b in plain.flat.buffers)
+    for cache_bytes in (4 * weights, 4 * 700, 1):
+        cached, theta_c, D_c = steps_with_cache(cache_bytes, difference, K, backend)
+        assert torch.equal(D_c, D)
+        for a, b in zip(theta_c, theta):
+            assert torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
+                               b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32))  # fmt: skip
+        assert cached.cache_nbytes == 4 * min(weights, cache_bytes // 4)
+    full = steps_with_cache(4 * weights, difference, K, backend)[0]
+    per_weight_step = full.counter.direction_values / (3 * weights)
+    assert per_weight_step == 2 * K - 1
+    assert plain.counter.direction_values / (3 * weights) == (4 if difference == "central" else 3) * K - 1
+
+
+def test_direction_cache_refuses_what_it_cannot_serve():
+    model = two_buffer_model()
+    with pytest.raises(ValueError, match="Gaussian directions on the C\\+\\+ CPU backend"):
+        ZOEngine(FlatParams(model), kind="rademacher", backend="reference", cache_bytes=1000)
+    with pytest.raises(ValueError, match=">= 0"):
+        ZOEngine(FlatParams(model), backend="reference", cache_bytes=-1)
+
+
+@pytest.mark.parametrize("parts", [False, True])
+def test_direction_cache_under_dp_zopo_masks(parts):
+    """A packed mask (DP-ZOPO) is applied after the cached values as after generated ones; rank bins (one sweep
+    per bin) run uncached. Same θ bits either way."""
+    pytest.importorskip("dpzo_engine.ops.cpu_backend").ensure_available()
+    results = []
+    for cache_bytes in (0, 10**6):
+        model = two_buffer_model()
+        flat = FlatParams(model)
+        gen = torch.Generator().manual_seed(4)
+        masks = []
+        for buf in flat.buffers:
+            keep = torch.rand(buf.numel(), generator=gen) < 0.5
+            if parts:
+                half = torch.rand(buf.numel(), generator=gen) < 0.5
+                masks.append([(ops.pack_mask(keep & half), 1.2), (ops.pack_mask(keep & ~half), 0.8)])
+            else:
+                masks.append(ops.pack_mask(keep))
+        engine = ZOEngine(flat, backend="auto", masks=masks, cache_bytes=cache_bytes)  # C++: loads the cache
+        x = torch.randn(4, 40, generator=gen)
+        seeds = stream.step_seeds(2, 0, 3)
+        D = engine.estimate(lambda m=model, x=x: m[1](m[0](x).to(torch.bfloat16)).float().sum(dim=1), seeds, 1e-2)
+        engine.finish(seeds, 1e-2, [1e-3, -2e-3, 3e-3], "stochastic", rounding_seed=1)
+        results.append((D, [b.clone() for b in flat.buffers]))
+    (D0, theta0), (D1, theta1) = results
+    assert torch.equal(D0, D1)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(theta0, theta1))

@@ -134,6 +134,24 @@ def unpack_mask(mask: torch.Tensor, count: int) -> torch.Tensor:
     return reference.unpack_mask(mask, 0, count)
 
 
+@dataclass
+class DirectionCache:
+    """Memory traded for generation: one direction's values kept between passes.
+
+    ``values`` (fp32, contiguous, at most the buffer's length m) covers buffer elements
+    ``0 .. m-1``.  ``read = j``: the caller vouches that ``values`` holds direction j's stream
+    values there, so a backend may load them instead of generating them; the result is the
+    same bits either way (the reference always generates, the C++ kernels load).  ``write =
+    j``: on return ``values`` holds direction j's values (``write > read`` when both are set,
+    so one pass can leave direction k and enter k + 1).  Gaussian directions on the CPU and
+    reference backends only: Rademacher signs cost less to generate than to load.
+    """
+
+    values: torch.Tensor
+    read: int | None = None
+    write: int | None = None
+
+
 def apply_directions(
     buf: torch.Tensor,
     seeds: torch.Tensor,
@@ -145,13 +163,16 @@ def apply_directions(
     rounding: str = "nearest",
     rounding_seed: int = 0,
     backend: str = "auto",
+    cache: DirectionCache | None = None,
 ) -> torch.Tensor:
     """In place, in one pass: ``buf[i] <- round(buf[i] + sum_j coefs[j] * z_j[offset + i])``.
 
     ``seeds`` int64[J] and ``coefs`` fp32[J] are small tensors on ``buf``'s device (no
     recompiles, no host syncs on GPU).  ``mask`` (``pack_mask``) leaves cleared elements
     untouched.  ``rounding='stochastic'`` draws 16 bits per element from Philox keyed by
-    ``rounding_seed`` (bf16 buffers; fp32 buffers are exact either way).  Returns ``buf``.
+    ``rounding_seed`` (bf16 buffers; fp32 buffers are exact either way).  ``cache``
+    (``DirectionCache``) loads or keeps one direction's values instead of generating them
+    again; it never changes the result.  Returns ``buf``.
     """
     _check_kind(kind)
     if buf.dtype not in BUFFER_DTYPES:
@@ -173,14 +194,34 @@ def apply_directions(
             raise ValueError("mask must be a packed uint8 tensor of at least ceil(numel / 8) bytes (see pack_mask)")
         if mask.device != buf.device:
             raise ValueError("mask must be on the buffer's device")
+    name = resolve_backend(backend, buf.device)
+    if cache is not None:
+        _check_cache(cache, buf, seeds.numel(), kind, name)
     if buf.numel() == 0:
         return buf
-    impl = _impl(resolve_backend(backend, buf.device))
+    impl = _impl(name)
     seeds = seeds.to(buf.device)
     coefs = coefs.to(device=buf.device, dtype=torch.float32)
-    return impl.apply_directions(
-        buf, seeds.contiguous(), coefs.contiguous(), kind, int(offset), mask, rounding, stream.to_int64(rounding_seed)
-    )
+    seed = stream.to_int64(rounding_seed)
+    args = (buf, seeds.contiguous(), coefs.contiguous(), kind, int(offset), mask, rounding, seed)
+    return impl.apply_directions(*args) if cache is None else impl.apply_directions(*args, cache=cache)
+
+
+def _check_cache(cache: DirectionCache, buf: torch.Tensor, num_dirs: int, kind: str, backend: str) -> None:
+    values = cache.values
+    if kind != "gaussian":
+        raise ValueError("a direction cache holds Gaussian directions (Rademacher signs cost less to generate)")
+    if backend not in ("cpu", "reference"):
+        raise ValueError(f"the direction cache is implemented by the cpu and reference backends, not {backend!r}")
+    if values.dtype != torch.float32 or values.dim() != 1 or not values.is_contiguous():
+        raise ValueError("DirectionCache.values must be a contiguous 1-D float32 tensor")
+    if values.numel() > buf.numel() or values.device != buf.device:
+        raise ValueError("DirectionCache.values must lie on the buffer's device and be no longer than the buffer")
+    for name, j in (("read", cache.read), ("write", cache.write)):
+        if j is not None and not 0 <= j < num_dirs:
+            raise ValueError(f"DirectionCache.{name} must index one of the pass's {num_dirs} directions, got {j}")
+    if cache.read is not None and cache.write is not None and cache.write <= cache.read:
+        raise ValueError("DirectionCache.write must come after DirectionCache.read")
 
 
 @dataclass

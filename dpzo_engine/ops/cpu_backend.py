@@ -143,6 +143,7 @@ def apply_directions(
     mask: torch.Tensor | None,
     rounding: str,
     rounding_seed: int,
+    cache=None,  # ops.DirectionCache, validated by ops
 ) -> torch.Tensor:
     load().apply_directions(
         buf,
@@ -153,6 +154,9 @@ def apply_directions(
         mask,
         rounding == "stochastic",
         stream.to_int64(rounding_seed),
+        None if cache is None else cache.values,
+        -1 if cache is None or cache.read is None else cache.read,
+        -1 if cache is None or cache.write is None else cache.write,
     )
     return buf
 

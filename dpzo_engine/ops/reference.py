@@ -51,16 +51,22 @@ def apply_directions(
     mask: torch.Tensor | None,
     rounding: str,
     rounding_seed: int,
+    cache=None,  # ops.DirectionCache: reads are ignored (the spec generates), writes are honoured
 ) -> torch.Tensor:
     seed_list = [int(s) for s in seeds.tolist()]
     coef_list = coefs.to(torch.float32).cpu()
     n = buf.numel()
+    write = None if cache is None else cache.write
     for start in range(0, n, CHUNK):
         count = min(CHUNK, n - start)
         g = torch.arange(count, dtype=torch.int64, device=buf.device) + (offset + start)
         d = torch.zeros(count, dtype=torch.float32, device=buf.device)
-        for seed, c in zip(seed_list, coef_list):
-            d = d + c.to(buf.device) * stream.stream_at(seed, g, kind)
+        for j, (seed, c) in enumerate(zip(seed_list, coef_list)):
+            z = stream.stream_at(seed, g, kind)
+            if j == write and start < cache.values.numel():
+                kept = cache.values[start : start + count]
+                kept.copy_(z[: kept.numel()])
+            d = d + c.to(buf.device) * z
         x = buf[start : start + count].to(torch.float32) + d
         bits = stream.rounding_bits(rounding_seed, g) if rounding == "stochastic" else None
         new = round_to(x, buf.dtype, rounding, bits)

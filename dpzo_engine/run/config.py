@@ -233,6 +233,14 @@ class TrainConfig:
         "auto", "update rounding; auto: stochastic for bfloat16", group="method", choices=("auto", *ops.ROUNDINGS)
     )
     backend: str = option("auto", "kernel backend", group="method", choices=ops.BACKENDS)
+    direction_cache_gb: float = option(
+        0.0,
+        "memory (GB; 4 bytes per cached weight) that keeps the direction being evaluated, so that it is not "
+        "generated again: 2K-1 direction values per weight and step instead of 4K-1, the same bits; Gaussian "
+        "directions on the CPU backend (README: The direction cache)",
+        group="method",
+        identity=False,  # the cache never changes a bit: a resumed run may use another
+    )
     compile: str = option(
         "auto",
         "run each step's forwards under torch.compile; auto: on for CUDA (with CUDA graphs), off on the CPU, "
@@ -508,6 +516,7 @@ class TrainConfig:
             seed=self.seed,
             stages=self.stage_options(),
             max_weight_growth=self.max_weight_growth,
+            direction_cache_gb=self.direction_cache_gb,
         )
 
     def identity(self) -> dict:
@@ -540,6 +549,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--num-directions must be an integer in [1, {ops.MAX_DIRECTIONS_PER_PASS - 1}]")
     if cfg.method in FIRST_ORDER_METHODS:
         _validate_first_order(cfg)
+    if not (math.isfinite(cfg.direction_cache_gb) and cfg.direction_cache_gb >= 0):
+        raise ConfigError(f"--direction-cache-gb must be a finite number >= 0, got {cfg.direction_cache_gb!r}")
+    if cfg.direction_cache_gb > 0 and cfg.direction_kind != "gaussian":
+        raise ConfigError("--direction-cache-gb serves Gaussian directions; Rademacher signs cost less to generate")
     for name in ("zo_eps", "lr", "clip"):
         _finite_positive(name.replace("_", "-"), getattr(cfg, name))
     if cfg.private:
@@ -601,7 +614,7 @@ def _validate_limits(cfg: TrainConfig) -> None:
 
 
 FIRST_ORDER_KEYS = ("weight_decay", "opacus_mode", "physical_batch_size")
-ZO_KEYS = ("num_directions", "zo_eps", "difference", "direction_kind")
+ZO_KEYS = ("num_directions", "zo_eps", "difference", "direction_kind", "direction_cache_gb")
 
 
 def _check_method_flags(cfg: TrainConfig) -> None:

@@ -344,7 +344,12 @@ class Session:
         cfg = self.cfg
         self.zo = PrivateZO(self.model, self.plan, cfg.zo_options(), cfg.steps, flat=self.flat, comm=self.comm)
         self.stages = self.zo.stages  # DP-ZOSO schedule, DP-ZOPO mask
-        return self.zo.engine
+        engine = self.zo.engine
+        if engine.cache_nbytes and self.comm.is_root:
+            weights = sum(b.numel() for b in self.flat.buffers)
+            print(f"direction cache: {engine.cache_nbytes / 1e6:.1f} MB over {engine.cache_nbytes // 4:,} of "
+                  f"{weights:,} trained weights", file=sys.stderr)  # fmt: skip
+        return engine
 
     def _ledger_header(self) -> dict:
         return {

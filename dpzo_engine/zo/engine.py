@@ -10,7 +10,10 @@ Direction values generated per weight and step (``PassCounter.direction_values``
 central, 3K - 1 forward.  Every direction is entered, (central: flipped,) left and applied;
 only the last one's leaving can share its generation with the update, since the other
 directions must be left before the next forward and their update coefficients are known only
-after the last.  Skipping more regeneration would need z stored: a parameter-sized buffer.
+after the last.  Skipping more regeneration needs z stored: ``cache_bytes`` buys a direction
+cache (fp32, 4 bytes per cached weight, the first weights of the flat order first) that keeps
+the direction being evaluated, so its flip and its leaving load it instead of generating it:
+2K - 1 values per weight and step (central), 2K - 1 (forward).  Same bits either way.
 
 The pass sequence depends only on public values (seeds, λ, the released coefficients),
 never on the batch, so a ledger of those values replays training exactly.
@@ -49,6 +52,7 @@ class ZOEngine:
         backend: str = "auto",
         difference: str = "central",
         masks: list[MaskEntry] | None = None,
+        cache_bytes: int = 0,
     ):
         if difference not in DIFFERENCES:
             raise ValueError(f"unknown difference {difference!r}; expected one of {DIFFERENCES}")
@@ -60,6 +64,43 @@ class ZOEngine:
         self.counter = PassCounter()
         self.last_losses: tuple[float, int] = (0.0, 0)  # (sum, count): finite per-example losses, last step, here
         self._no_forward = True
+        self.caches = self._make_caches(cache_bytes)
+        self._held: list[int | None] = [None] * len(flat.buffers)  # the seed each cache holds
+
+    def _make_caches(self, cache_bytes: int) -> list[torch.Tensor | None]:
+        """Direction caches over the first ``cache_bytes // 4`` weights of the flat order."""
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        if cache_bytes == 0:
+            return [None] * len(self.flat.buffers)
+        if self.kind != "gaussian" or self.backend not in ("cpu", "reference"):
+            raise ValueError(
+                "the direction cache serves Gaussian directions on the C++ CPU backend "
+                f"(got {self.kind} directions on the {self.backend} backend)"
+            )
+        left, caches = cache_bytes // 4, []
+        for buf in self.flat.buffers:
+            length = min(left, buf.numel())
+            left -= length
+            caches.append(torch.empty(length, dtype=torch.float32, device=buf.device) if length else None)
+        return caches
+
+    @property
+    def cache_nbytes(self) -> int:
+        return sum(c.numel() * 4 for c in self.caches if c is not None)
+
+    def _cache_for(self, b: int, seeds: list[int]) -> ops.DirectionCache | None:
+        """Load the held direction if this pass has it; keep a new one entered by a pass of J <= 2
+        (a perturbation: its flip and its leaving come next)."""
+        values, held = self.caches[b], self._held[b]
+        if values is None:
+            return None
+        read = seeds.index(held) if held in seeds else None
+        enters = len(seeds) <= 2 and seeds[-1] != held
+        write = len(seeds) - 1 if enters and (read is None or read < len(seeds) - 1) else None
+        if read is None and write is None:
+            return None
+        return ops.DirectionCache(values, read=read, write=write)
 
     def apply(self, seeds: list[int], coefs: list[float], rounding: str = "nearest", rounding_seed: int = 0) -> None:
         """One fused pass over every buffer: θ <- round(θ + Σ_j coefs[j] z_j).
@@ -70,10 +111,15 @@ class ZOEngine:
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.flat.device)
         coefs_t = torch.tensor(coefs, dtype=torch.float32, device=self.flat.device)
         sweeps = 1
-        for (buf, offset), entry in zip(self.flat, self.masks):
+        for b, ((buf, offset), entry) in enumerate(zip(self.flat, self.masks)):
             parts = entry if isinstance(entry, list | tuple) else [(entry, 1.0)]
             sweeps = max(sweeps, len(parts))
+            cache = self._cache_for(b, seeds) if len(parts) == 1 else None  # rank bins: one sweep each, uncached
             self.counter.direction_values += len(seeds) * buf.numel() * len(parts)
+            if cache is not None and cache.read is not None:
+                self.counter.direction_values -= cache.values.numel()  # loaded, not generated
+            if cache is not None and cache.write is not None:
+                self._held[b] = None  # until the pass has written it
             for mask, scale in parts:
                 ops.apply_directions(
                     buf,
@@ -85,7 +131,10 @@ class ZOEngine:
                     rounding=rounding,
                     rounding_seed=rounding_seed,
                     backend=self.backend,
+                    cache=cache,
                 )
+            if cache is not None and cache.write is not None:
+                self._held[b] = seeds[cache.write]
         self.counter.passes += sweeps
 
     def estimate(

@@ -94,6 +94,7 @@ class ZOOptions:
     seed: int = 0  # the public master seed of the direction stream
     stages: StageOptions | None = field(default=None)  # DP-ZOSO / DP-ZOPO attachments
     max_weight_growth: float = DEFAULT_MAX_GROWTH  # divergence band on rms θ (guard.py); 0: finiteness only
+    direction_cache_gb: float = 0.0  # memory for the direction cache (engine.py): speed on the CPU, same bits
 
     def __post_init__(self) -> None:
         if self.method not in ZO_METHODS:
@@ -132,6 +133,11 @@ class ZOOptions:
         g = self.max_weight_growth
         if isinstance(g, bool) or not isinstance(g, int | float) or not (g == 0 or (math.isfinite(g) and g > 1)):
             raise ConfigError(f"max_weight_growth must be 0 (finiteness only) or a finite number > 1, got {g!r}")
+        c = self.direction_cache_gb
+        if isinstance(c, bool) or not isinstance(c, int | float) or not (math.isfinite(c) and c >= 0):
+            raise ConfigError(f"direction_cache_gb must be a finite number >= 0, got {c!r}")
+        if c > 0 and self.direction_kind != "gaussian":
+            raise ConfigError("direction_cache_gb serves Gaussian directions; Rademacher signs cost less to generate")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
@@ -190,7 +196,13 @@ class PrivateZO:
         for name, zo_eps in options.perturbation_scales().items():
             check_perturbation_scale(self.flat, zo_eps, name)  # before anything perturbs θ
         self.guard = DivergenceGuard(self.flat, options.max_weight_growth)
-        self.engine = ZOEngine(self.flat, options.direction_kind, options.backend, options.difference)
+        try:
+            self.engine = ZOEngine(
+                self.flat, options.direction_kind, options.backend, options.difference,
+                cache_bytes=int(options.direction_cache_gb * 1e9),
+            )  # fmt: skip
+        except ValueError as exc:  # the cache on a backend without one
+            raise ConfigError(f"direction_cache_gb: {exc}") from exc
         self.stages = build_stagewise(options.stage_options(steps), model, self.flat, self.engine)
         self.rule = self._rule()
         self._step = ZOStep(
@@ -339,9 +351,10 @@ class PrivateZO:
 
     def _identity(self) -> dict:
         """The options a resumed run must share with the run that saved its state: all but the backend
-        (every backend gives the same bits) and the divergence band (bookkeeping); stages resolved."""
+        (every backend gives the same bits), the divergence band (bookkeeping) and the direction cache (same
+        bits); stages resolved."""
         options = dataclasses.asdict(self.options)
-        del options["backend"], options["max_weight_growth"]
+        del options["backend"], options["max_weight_growth"], options["direction_cache_gb"]
         return options | {"stages": dataclasses.asdict(self.options.stage_options(self.steps))}
 
     def load_state_dict(self, state: dict) -> None:
