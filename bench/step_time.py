@@ -32,6 +32,9 @@ ops, and the rest: Python and framework work outside the ops).
                                              # and 64, batch 16 x 32 tokens, one thread
     python bench/step_time.py --quick        # seconds: a tiny OPT, K = 2, eager forwards only
 
+On a CPU the process keeps freed memory (``dpzo_engine.core.allocator``), as the trainer does; it
+applies to all the implementations alike.
+
 Writes ``bench/results/step_time_<device>.json`` and prints tables. Targets: GPU, (c)/(a) >= 2,
 (c)/(b) >= 3.5, time outside the forwards <= 10% of our step; CPU (one thread), (c)/(a) >= 2 at
 every K and time outside the forwards <= 25% of our central-difference step.
@@ -58,6 +61,7 @@ from torch import nn
 
 from dpzo_engine import privacy
 from dpzo_engine.core import stream
+from dpzo_engine.core.allocator import keep_freed_memory
 from dpzo_engine.core.flat import FlatParams
 from dpzo_engine.models.step_forward import StepForward, resolve_compile
 from dpzo_engine.zo.engine import ZOEngine
@@ -511,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     threads = args.threads or (None if gpu else 1)
     if threads:
         torch.set_num_threads(threads)
+    malloc_tuned = keep_freed_memory() if not gpu else False  # as the trainer does on a CPU (both sides share it)
     if threads == 1:  # inductor's C++ builds in this process too: the compilation's CPU time is then measured
         import torch._inductor.config as inductor_config
 
@@ -545,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "gpu": torch.cuda.get_device_name(device) if gpu else None,
         "cpu": common.cpu_name(),
         "threads": torch.get_num_threads(),
+        "malloc_keeps_freed_memory": malloc_tuned,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "torch": torch.__version__,

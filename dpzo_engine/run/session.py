@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import privacy
+from ..core.allocator import keep_freed_memory
 from ..core.errors import ConfigError, TrainingDiverged
 from ..core.flat import FlatParams
 from ..data import get_task
@@ -87,6 +88,8 @@ def build_model(cfg: TrainConfig, num_labels: int, head: str = "sequence-classif
     """Model, tokenizer, trainable names and flat buffer, deterministic in ``cfg.seed``.
     ``head`` is the resolved loss head: it picks the model class (an LM head for prompt heads)."""
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # the 2K forwards of a step reuse their buffers instead of faulting them in again
     torch.manual_seed(cfg.seed)  # public: a freshly initialised head (and adapter) is part of the base model
     dtype = getattr(torch, cfg.dtype)
     model, tokenizer = load_model_and_tokenizer(cfg.model, num_labels, dtype=dtype, device=device, head=head)
