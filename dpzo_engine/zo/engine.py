@@ -96,8 +96,7 @@ class ZOEngine:
         if values is None:
             return None
         read = seeds.index(held) if held in seeds else None
-        enters = len(seeds) <= 2 and seeds[-1] != held
-        write = len(seeds) - 1 if enters and (read is None or read < len(seeds) - 1) else None
+        write = len(seeds) - 1 if len(seeds) <= 2 and seeds[-1] != held else None  # a new last seed: write > read
         if read is None and write is None:
             return None
         return ops.DirectionCache(values, read=read, write=write)
