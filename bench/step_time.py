@@ -25,7 +25,8 @@ Forwards per second on the step's batch, interleaved: a plain ``model(**batch)``
 code's forward, ours eager with the last block whole, ours eager, and ours compiled (its first call,
 the compilation, timed apart).
 ``--profile`` adds where a forward's time goes (torch.profiler: matrix products, attention, other
-ops, and the rest: Python and framework work outside the ops).
+ops, and the rest: Python and framework work outside the ops), the matrix products' GFLOP/s, and
+those of one large matrix product on the same threads (what they could at best reach).
 
     python bench/step_time.py                # CUDA: OPT-1.3B and RoBERTa-large, K = 16 and 64, bf16
     python bench/step_time.py --device cpu   # CPU: RoBERTa-shaped 4.3 M model, all weights, fp32, K = 16
@@ -34,6 +35,11 @@ ops, and the rest: Python and framework work outside the ops).
 
 On a CPU the process keeps freed memory (``dpzo_engine.core.allocator``), as the trainer does; it
 applies to all the implementations alike.
+
+On a CPU it also measures, per K, what generating the default central step's 4K - 1 direction values
+per weight costs on its own (``ops.directions``, best of 5), against the time the two CPU targets
+together leave outside the forwards (MeZO-style step / 8, whatever the forwards cost): when the
+generation alone is over that budget, no forward speed-up can meet both targets.
 
 Writes ``bench/results/step_time_<device>.json`` and prints tables. Targets: GPU, (c)/(a) >= 2,
 (c)/(b) >= 3.5, time outside the forwards <= 10% of our step; CPU (one thread), (c)/(a) >= 2 at
@@ -59,7 +65,7 @@ import common
 import torch
 from torch import nn
 
-from dpzo_engine import privacy
+from dpzo_engine import ops, privacy
 from dpzo_engine.core import stream
 from dpzo_engine.core.allocator import keep_freed_memory
 from dpzo_engine.core.flat import FlatParams
@@ -203,6 +209,41 @@ class MeZOStyleStep:
                 self.update(seed, g)
 
 
+def generation_floor(flat: FlatParams, backend: str, k: int, mezo_step_s: float, forward_s: float) -> dict:
+    """What generating the default step's direction values costs on its own, against the time the CPU targets
+    leave outside the forwards (measured in this run, on these threads).
+
+    ``ops.directions`` writes one direction over every weight (best of 5: the closest to the machine's
+    speed, so the floor errs low); the default central step generates 4K - 1 values per weight (the
+    minimum without a cache: each direction is entered, flipped and left around a forward, then applied).
+    Both targets together need outside <= 25% of a step <= MeZO-style / 2, so outside <= MeZO-style / 8
+    whatever the forwards cost; with this run's forwards F, 2x alone needs outside <= MeZO-style / 2 - F
+    and 25% alone outside <= F / 3."""
+    weights = sum(b.numel() for b in flat.buffers)
+    out = torch.empty(weights)
+    ops.directions(MASTER_SEED, 0, weights, "gaussian", backend=backend, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        ops.directions(MASTER_SEED, 0, weights, "gaussian", backend=backend, out=out)
+        best = min(best, time.perf_counter() - start)
+    values = 4 * k - 1
+    floor = values * best
+    budget = mezo_step_s / (TARGET_CPU_CENTRAL / TARGET_CPU_OUTSIDE)
+    return {
+        "backend": backend,
+        "ns_per_value": 1e9 * best / weights,
+        "central_values_per_weight": values,
+        "central_generation_s": floor,
+        "mezo_style_step_s": mezo_step_s,
+        "ours_central_forward_s": forward_s,
+        "outside_budget_both_targets_s": budget,
+        "generation_within_both_targets_budget": floor <= budget,
+        "outside_budget_2x_with_these_forwards_s": mezo_step_s / TARGET_CPU_CENTRAL - forward_s,
+        "outside_budget_share_with_these_forwards_s": forward_s * TARGET_CPU_OUTSIDE / (1 - TARGET_CPU_OUTSIDE),
+    }
+
+
 def time_rounds(fns: dict[str, Callable[[int], object]], reps: int, device: torch.device, t0: int) -> dict:
     """Interleaved repetitions (each function once per round): {name: ([wall s], [cpu s])}."""
     out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
@@ -291,7 +332,7 @@ def profile_forwards(variants: dict, device: torch.device) -> dict:
     with torch.no_grad():
         for name, (fn, _) in variants.items():
             fn()
-            with profile(activities=activities) as prof:
+            with profile(activities=activities, with_flops=True) as prof:
                 start = time.perf_counter()
                 for _ in range(PROFILED_FORWARDS):
                     fn()
@@ -300,18 +341,38 @@ def profile_forwards(variants: dict, device: torch.device) -> dict:
             events = prof.key_averages()
             per_op = {e.key: e.self_cpu_time_total / 1e6 / PROFILED_FORWARDS for e in events}
             gemm = sum(v for k, v in per_op.items() if k in GEMM_OPS)
+            gemm_flops = sum(e.flops for e in events if e.key in GEMM_OPS) / PROFILED_FORWARDS
             attention = sum(v for k, v in per_op.items() if "scaled_dot_product" in k or "attention" in k)
-            ops = sum(per_op.values())
+            in_ops = sum(per_op.values())
             top = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
             out[name] = {
                 "wall_s": wall,
                 "matrix_products_s": gemm,
+                # the profiler's count (2 m n k per product); None where the products run outside aten
+                # (a compiled graph's own kernels)
+                "matrix_products_gflop": gemm_flops / 1e9 if gemm_flops else None,
+                "matrix_products_gflop_per_s": gemm_flops / gemm / 1e9 if gemm_flops and gemm else None,
                 "attention_s": attention,
-                "other_ops_s": ops - gemm - attention,
-                "outside_ops_s": max(0.0, wall - ops),
+                "other_ops_s": in_ops - gemm - attention,
+                "outside_ops_s": max(0.0, wall - in_ops),
                 "top_ops": [{"op": k, "s": v, "share": v / wall} for k, v in top],
             }
     return out
+
+
+def sgemm_rate(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
+    """GFLOP/s of one large square matrix product on this run's threads: the rate the forwards' matrix
+    products could at best reach (best of 5)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 # ----------------------------------------------------------------------------- one model
@@ -369,6 +430,7 @@ def bench_model(
     out["forwards"] = bench_forwards(variants, device)
     if profile:
         out["profile"] = profile_forwards(variants, device)
+        out["sgemm_2048_gflop_per_s"] = sgemm_rate(device, dtype)
     clock = ForwardClock(device)
     ours_forward = variants["ours-compiled" if step_compiled else "ours-eager"][1]  # compiled once, reused
     out["ours_compiled"] = step_compiled
@@ -393,6 +455,14 @@ def bench_model(
             instrumented[impl] = {"step_s": total, "forward_s": clock.seconds, "forwards": clock.count}
         wall = {impl: summary(v[0]) for impl, v in times.items()}
         cpu = {impl: summary(v[1]) for impl, v in times.items()}
+        if device.type == "cpu":
+            out.setdefault("generation_floor", []).append(
+                {"K": k}
+                | generation_floor(
+                    flat, steps["ours-central"].engine.backend, k, wall["mezo-style"]["median"],
+                    instrumented["ours-central"]["forward_s"],
+                )
+            )  # fmt: skip
         for impl in (i for i in IMPLEMENTATIONS if i in steps):
             ins = instrumented[impl]
             out["rows"].append(
@@ -471,7 +541,13 @@ def print_table(models: list[dict]) -> None:
                 f"{key.removesuffix('_s').replace('_', ' ')} {100 * p[key] / p['wall_s']:.0f}%"
                 for key in ("matrix_products_s", "attention_s", "other_ops_s", "outside_ops_s")
             )
-            print(f"  profile {name}: {1e3 * p['wall_s']:.2f} ms = {parts}")
+            rate = p.get("matrix_products_gflop_per_s")
+            rate_text = f"; matrix products at {rate:.0f} GFLOP/s" if rate else ""
+            print(f"  profile {name}: {1e3 * p['wall_s']:.2f} ms = {parts}{rate_text}")
+        if "sgemm_2048_gflop_per_s" in m:
+            print(
+                f"  a 2048 x 2048 x 2048 matrix product on the same threads: {m['sgemm_2048_gflop_per_s']:.0f} GFLOP/s"
+            )
         header = ("K", "implementation", "step s", "cpu s", "vs MeZO", "spread", "outside fwd")
         print(" ".join(f"{h:>{w}}" for h, w in zip(header, (3, 23, 9, 9, 8, 13, 11))))
         for r in m["rows"]:
@@ -479,6 +555,18 @@ def print_table(models: list[dict]) -> None:
             print(
                 f"{r['K']:>3} {r['implementation']:>23} {r['step_s']:>9.4f} {r['step_cpu_s']['median']:>9.4f}"
                 f" {r['speedup_vs_mezo_style']:>7.2f}x {spread:>13} {100 * r['outside_forward_share']:>10.1f}%"
+            )
+        for g in m.get("generation_floor", []):
+            verdict = (
+                "within it (necessary, not sufficient)"
+                if g["generation_within_both_targets_budget"]
+                else "over it: out of reach whatever the forwards cost"
+            )
+            print(
+                f"K={g['K']}: generating the default step's {g['central_values_per_weight']} values per weight takes"
+                f" >= {g['central_generation_s']:.3f} s ({g['ns_per_value']:.2f} ns each, {g['backend']});"
+                f" both CPU targets allow {g['outside_budget_both_targets_s']:.3f} s outside the forwards"
+                f" (MeZO-style step / 8): {verdict}"
             )
 
 

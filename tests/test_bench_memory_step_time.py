@@ -74,8 +74,11 @@ def test_memory_benchmark_process_per_cell_and_oom_as_a_result(tmp_path, monkeyp
 
 def test_step_time_quick(tmp_path):
     bench = load("step_time")
-    report = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "st.json")])
+    report = bench.main(["--quick", "--device", "cpu", "--profile", "--out", str(tmp_path / "st.json")])
     (model,) = report["results"]
+    profile = model["profile"]["ours-eager"]  # the profiler counts the forward's matrix products
+    assert profile["matrix_products_gflop"] > 0 and profile["matrix_products_gflop_per_s"] > 0
+    assert model["sgemm_2048_gflop_per_s"] > 0
     assert model["loss_max_abs_difference"] < 1e-4  # ours, the published and the plain forward agree
     rows = {r["implementation"]: r for r in model["rows"]}
     assert set(rows) == set(bench.IMPLEMENTATIONS)
@@ -91,6 +94,14 @@ def test_step_time_quick(tmp_path):
     assert (
         cached["direction_values_per_weight"] == 2 * k - 1
         and rows["ours-central"]["direction_values_per_weight"] == 4 * k - 1
+    )
+    (floor,) = model["generation_floor"]  # the default's generation alone, against the targets' budget
+    weights = model["parameters"]
+    assert floor["K"] == k and floor["central_values_per_weight"] == 4 * k - 1
+    assert floor["central_generation_s"] == pytest.approx(floor["ns_per_value"] * 1e-9 * weights * (4 * k - 1))
+    assert floor["outside_budget_both_targets_s"] == pytest.approx(rows["mezo-style"]["step_s"] / 8)
+    assert floor["generation_within_both_targets_budget"] == (
+        floor["central_generation_s"] <= floor["outside_budget_both_targets_s"]
     )
     forwards = report["results"][0]["forwards"]
     assert set(forwards) == {"plain", "published", "ours-whole-block", "ours-eager"}  # quick: no compilation
