@@ -275,6 +275,18 @@ def test_ensure_available_reports_missing_triton(monkeypatch: pytest.MonkeyPatch
         triton_backend.ensure_available()
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the check runs under TRITON_INTERPRET=1 only")
+def test_interpreter_that_cannot_loop_over_arguments_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton 3.6's interpreter with numpy >= 2.4 fails every kernel deep inside (int() of a 1-element array):
+    the backend says so in one line.  Here the check itself passes, so its failure is simulated."""
+    from dpzo_engine.ops import triton_backend
+
+    assert triton_backend._interpreter_problem() is None  # this environment's Triton runs the kernels
+    monkeypatch.setattr(triton_backend, "_interpreter_problem", lambda: "InterpreterError: TypeError(...)")
+    with pytest.raises(ops.BackendUnavailable, match=r"interpreter cannot run the kernels with numpy .*Triton >= 3.9"):
+        ops.resolve_backend("triton", torch.device("cpu"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_no_recompile_across_seeds_offsets_and_j() -> None:

@@ -8,6 +8,9 @@ Arguments arrive validated by ``dpzo_engine.ops``.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from ..core import stream
@@ -19,7 +22,7 @@ def ensure_available() -> None:
 
     try:
         import triton
-        import triton.language  # noqa: F401
+        import triton.language
     except Exception as exc:  # ImportError, or a broken install raising something else
         raise BackendUnavailable(f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton") from exc
     try:
@@ -28,6 +31,21 @@ def ensure_available() -> None:
         raise BackendUnavailable(
             f"dpzo_triton kernels are not importable ({type(exc).__name__}: {exc}); reinstall dpzo-engine"
         ) from exc
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and (problem := _interpreter_problem()):
+        import numpy
+
+        raise BackendUnavailable(
+            f"Triton {triton.__version__}'s interpreter cannot run the kernels with numpy {numpy.__version__} "
+            f"({problem}); use Triton >= 3.9, or numpy < 2.4, or CUDA tensors"
+        )
+
+
+@functools.cache
+def _interpreter_problem() -> str | None:
+    """Checked once per process: see dpzo_triton.interpreter_check."""
+    from dpzo_triton.interpreter_check import runtime_loop_problem
+
+    return runtime_loop_problem()
 
 
 def directions(seed: int, offset: int, count: int, kind: str, device: torch.device | str | None = None) -> torch.Tensor:
