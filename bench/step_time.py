@@ -104,6 +104,12 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def best_seconds(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
+    """Best wall time of ``fn()`` over ``reps`` runs after one warm-up: the closest to the machine's speed."""
+    fn()
+    return min(timed(fn, device)[0] for _ in range(reps))
+
+
 def summary(values: Sequence[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": list(values)}
 
@@ -221,12 +227,9 @@ def generation_floor(flat: FlatParams, backend: str, k: int, mezo_step_s: float,
     and 25% alone outside <= F / 3."""
     weights = sum(b.numel() for b in flat.buffers)
     out = torch.empty(weights)
-    ops.directions(MASTER_SEED, 0, weights, "gaussian", backend=backend, out=out)  # warm-up
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        ops.directions(MASTER_SEED, 0, weights, "gaussian", backend=backend, out=out)
-        best = min(best, time.perf_counter() - start)
+    best = best_seconds(
+        lambda: ops.directions(MASTER_SEED, 0, weights, "gaussian", backend=backend, out=out), torch.device("cpu")
+    )
     values = 4 * k - 1
     floor = values * best
     budget = mezo_step_s / (TARGET_CPU_CENTRAL / TARGET_CPU_OUTSIDE)
@@ -365,14 +368,7 @@ def sgemm_rate(device: torch.device, dtype: torch.dtype, size: int = 2048) -> fl
     products could at best reach (best of 5)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return 2 * size**3 / best_seconds(lambda: torch.mm(a, b), device) / 1e9
 
 
 # ----------------------------------------------------------------------------- one model

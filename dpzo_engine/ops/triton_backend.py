@@ -9,7 +9,6 @@ Arguments arrive validated by ``dpzo_engine.ops``.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -18,7 +17,7 @@ from ..core import stream
 
 def ensure_available() -> None:
     """Raise ``BackendUnavailable`` (one line, with the reason) if Triton cannot be used."""
-    from . import BackendUnavailable
+    from . import BackendUnavailable, triton_interpreting
 
     try:
         import triton
@@ -31,7 +30,7 @@ def ensure_available() -> None:
         raise BackendUnavailable(
             f"dpzo_triton kernels are not importable ({type(exc).__name__}: {exc}); reinstall dpzo-engine"
         ) from exc
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" and (problem := _interpreter_problem()):
+    if triton_interpreting() and (problem := _interpreter_problem()):
         import numpy
 
         raise BackendUnavailable(
